@@ -1,0 +1,166 @@
+"""Synthetic format twins of the datasets, written in their exact on-disk layouts.
+
+They let tests and smoke runs exercise the real preparation code (file names, NIfTI headers,
+dtypes, label values, the published split) without the real data. No result computed on a
+twin means anything clinically.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Sequence
+
+import nibabel as nib
+import numpy as np
+
+from custom_components.data.datalists import datalist_path
+
+__all__ = ["write_brats20_twin"]
+
+# raw scanner-like tissue intensities per modality: (white matter, grey matter, CSF,
+# oedema, necrotic core, enhancing rim); BraTS images are int16 and not normalised
+_BRATS_CONTRAST = {
+    "t1": (620, 480, 180, 380, 240, 460),
+    "t1ce": (640, 500, 200, 400, 260, 1100),
+    "t2": (420, 620, 1500, 1250, 1400, 900),
+    "flair": (380, 460, 90, 880, 300, 700),
+}
+
+
+def _grid(shape: Sequence[int]) -> tuple[np.ndarray, ...]:
+    """Voxel coordinates normalised to [-1, 1] per axis (broadcastable, (x, y, z) order)."""
+    return tuple(
+        np.linspace(-1.0, 1.0, n, dtype=np.float32).reshape([-1 if i == a else 1 for i in range(3)])
+        for a, n in enumerate(shape)
+    )
+
+
+def _smooth_noise(rng: np.random.Generator, shape: Sequence[int], scale: float) -> np.ndarray:
+    """Low-frequency field (sum of a few random cosines), used for a bias field and texture."""
+    x, y, z = _grid(shape)
+    f = np.zeros(tuple(shape), np.float32)
+    for _ in range(4):
+        kx, ky, kz = rng.uniform(0.5, 2.5, 3)
+        ph = rng.uniform(0, 2 * np.pi, 3)
+        f += np.cos(kx * np.pi * x + ph[0]) * np.cos(ky * np.pi * y + ph[1]) * np.cos(kz * np.pi * z + ph[2])
+    return scale * f / 4
+
+
+def _brats_case(rng: np.random.Generator, shape: tuple[int, int, int]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    x, y, z = _grid(shape)
+    # brain: an ellipsoid with a wobbly surface; cortex (grey matter) as an outer shell
+    wobble = _smooth_noise(rng, shape, 0.08)
+    r_brain = (x / 0.78) ** 2 + (y / 0.88) ** 2 + (z / 0.85) ** 2 + wobble
+    brain = r_brain < 1.0
+    grey = brain & (r_brain > 0.62)
+    # ventricles: two small CSF ellipsoids either side of the midline
+    csf = np.zeros(shape, bool)
+    for side in (-1, 1):
+        csf |= ((x - side * 0.12) / 0.08) ** 2 + (y / 0.28) ** 2 + (z / 0.2) ** 2 < 1.0
+    csf &= brain
+
+    # tumour inside one hemisphere, spanning a contiguous run of axial (third-axis) slices;
+    # the in-plane radius shrinks only mildly towards the ends of the run so every tumour
+    # slice keeps a sizeable cross-section
+    cx, cy = rng.uniform(0.25, 0.4) * rng.choice([-1, 1]), rng.uniform(-0.25, 0.25)
+    cz, hz = rng.uniform(-0.25, 0.25), rng.uniform(0.22, 0.35)
+    rxy = rng.uniform(0.22, 0.3)
+    dz = np.clip(np.abs(z - cz) / hz, 0, None)
+    taper = np.sqrt(np.clip(1 - 0.5 * dz**2, 0, None)) * (dz <= 1)
+    rho = np.sqrt(((x - cx) / rxy) ** 2 + ((y - cy) / (rxy * 1.15)) ** 2) + _smooth_noise(rng, shape, 0.1)
+    rho = np.where(taper > 0, rho / np.maximum(taper, 1e-6), np.inf)
+    seg = np.zeros(shape, np.uint8)
+    seg[rho < 1.0] = 2  # oedema
+    inner = (rho < 0.6) & (dz <= 0.7)
+    seg[inner] = 4  # enhancing rim
+    seg[(rho < 0.35) & (dz <= 0.5)] = 1  # necrotic / non-enhancing core
+    seg[~brain] = 0
+    # make sure the tumour exists even on very small grids
+    if not seg.any():
+        i, j, k = (int(round((c + 1) / 2 * (n - 1))) for c, n in zip((cx, cy, cz), shape))
+        seg[max(i - 1, 0) : i + 2, max(j - 1, 0) : j + 2, k] = 2
+
+    tissue = np.select(
+        [seg == 1, seg == 4, seg == 2, csf, grey, brain], [4, 5, 3, 2, 1, 0], default=-1
+    )
+    bias = 1.0 + _smooth_noise(rng, shape, 0.15)
+    images = {}
+    for mod, levels in _BRATS_CONTRAST.items():
+        lut = np.asarray(levels, np.float32) * rng.uniform(0.85, 1.2)
+        img = lut[np.clip(tissue, 0, None)] * bias * (1 + _smooth_noise(rng, shape, 0.05))
+        img += rng.normal(0, 0.04 * lut[0], shape).astype(np.float32)
+        img[tissue < 0] = 0  # skull-stripped: zeros outside the brain
+        images[mod] = np.clip(np.rint(img), 0, np.iinfo(np.int16).max).astype(np.int16)
+    return images, seg
+
+
+def _nifti(arr: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
+    img = nib.Nifti1Image(arr, affine)
+    # like the real files: qform and sform both "scanner" (code 1), units mm
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    img.header.set_xyzt_units("mm")
+    return img
+
+
+def _default_brats_ids(n_per_split: Sequence[int]) -> list[str]:
+    data = json.loads(datalist_path("brats20").read_text())
+    ids = []
+    for key, n in zip(("training", "validation", "test"), n_per_split):
+        ids += [e["case"] for e in data[key][: int(n)]]
+    return ids
+
+
+def write_brats20_twin(
+    output_dir: str | os.PathLike,
+    case_ids: Sequence[str] | None = None,
+    n_per_split: Sequence[int] = (3, 2, 2),
+    shape: Sequence[int] = (240, 240, 155),
+    seed: int = 0,
+    compress: bool = True,
+) -> Path:
+    """Write a BraTS2020 twin ``<output_dir>/MICCAI_BraTS2020_TrainingData/<case>/<case>_<mod>.nii[.gz]``.
+
+    Images are int16 skull-stripped brain-like volumes with per-modality contrast, bias field
+    and noise; ``seg`` is uint8 with nested tumour labels (oedema 2 around enhancing 4 around
+    core 1) on a contiguous run of axial slices. Affine diag(-1, -1, 1), origin (0, Y-1, 0).
+    Without ``case_ids`` the first ``n_per_split`` IDs of the training/validation/test lists of
+    ``data_lists/brats20.json`` are used. Deterministic from ``seed``. Returns the data folder.
+    """
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3 or min(shape) < 4:
+        raise ValueError(f"shape must be 3 sizes >= 4, got {shape}")
+    ids = list(case_ids) if case_ids is not None else _default_brats_ids(n_per_split)
+    root = Path(output_dir) / "MICCAI_BraTS2020_TrainingData"
+    root.mkdir(parents=True, exist_ok=True)
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0])
+    affine[1, 3] = shape[1] - 1
+    ext = ".nii.gz" if compress else ".nii"
+    for n, case in enumerate(ids):
+        # one generator per case, so a case's content does not depend on the others
+        rng = np.random.default_rng([seed, n])
+        images, seg = _brats_case(rng, shape)
+        case_dir = root / case
+        case_dir.mkdir(exist_ok=True)
+        for mod, arr in (*images.items(), ("seg", seg)):
+            nib.save(_nifti(arr, affine), case_dir / f"{case}_{mod}{ext}")
+
+    # name_mapping.csv as in the official release (grades and older IDs are made up)
+    rng = np.random.default_rng([seed, 10**6])
+    with open(root / "name_mapping.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(
+            ["Grade", "BraTS_2017_subject_ID", "BraTS_2018_subject_ID", "TCGA_TCIA_subject_ID",
+             "BraTS_2019_subject_ID", "BraTS_2020_subject_ID"]
+        )
+        for case in ids:
+            grade = "HGG" if rng.random() < 0.8 else "LGG"
+            site = "".join(rng.choice(list("ABCDEFGHIJKLMNOPQRSTUVWXYZ"), 3))
+            w.writerow(
+                [grade, f"Brats17_CBICA_{site}_1", f"Brats18_CBICA_{site}_1", "NA",
+                 f"BraTS19_CBICA_{site}_1", case]
+            )
+    return root

@@ -1,0 +1,3 @@
+from .guided import ExplainIteration, GuidedIteration
+
+__all__ = ["GuidedIteration", "ExplainIteration"]

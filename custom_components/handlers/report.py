@@ -1,0 +1,182 @@
+"""Write the end-of-run metrics as JSON and as a Markdown table.
+
+The JSON keeps raw fractions (machine readable, NaN written as ``null`` so the file stays
+valid JSON); the Markdown shows percent with two decimals, the unit of the papers' tables
+(e.g. ``91.40``), so a run's report can be pasted next to the published numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import ignite.distributed as idist
+from ignite.engine import Engine, Events
+
+from custom_components.io import atomic_save_json, atomic_write_text
+
+__all__ = ["MetricsReportWriter", "markdown_table", "format_mean_std", "format_percent"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_METRICS: tuple[str, ...] = ("f1", "accuracy", "auroc", "ap", "kappa")
+
+
+def _is_nan(value: Any) -> bool:
+    return isinstance(value, float) and math.isnan(value)
+
+
+def format_percent(value: float | None, scale: float = 100.0, digits: int = 2) -> str:
+    """``0.914 -> "91.40"``; ``None``/NaN -> ``"n/a"`` (undefined metric, e.g. AUROC of one class)."""
+    if value is None or _is_nan(float(value)):
+        return "n/a"
+    return f"{float(value) * scale:.{digits}f}"
+
+
+def format_mean_std(values: Sequence[float], scale: float = 100.0, digits: int = 2, ddof: int = 1) -> str:
+    """``[0.9126, 0.9140, 0.9154] -> "91.40 ± 0.14"`` (values scaled, e.g. fraction -> percent).
+
+    ``ddof=1`` (sample standard deviation) by default, the usual choice for a few seeds.
+    A single value has no standard deviation and is formatted alone (``"91.40"``).
+    NaN values are kept, so the result becomes ``"nan ± nan"`` and the problem stays visible.
+
+    Raises:
+        ValueError: on an empty sequence.
+    """
+    vals = [float(v) * scale for v in values]
+    if not vals:
+        raise ValueError("format_mean_std needs at least one value")
+    mean = sum(vals) / len(vals)
+    if len(vals) <= ddof:
+        return f"{mean:.{digits}f}"
+    var = sum((v - mean) ** 2 for v in vals) / (len(vals) - ddof)
+    return f"{mean:.{digits}f} ± {math.sqrt(var):.{digits}f}"
+
+
+def _cell(value: Any) -> str:
+    # A "|" inside a cell would split it into two columns; newlines would end the row.
+    text = "" if value is None else str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """A GitHub-flavoured Markdown table with ``columns`` as header, one line per row dict.
+
+    Missing keys give empty cells; values are written with ``str`` (format them beforehand,
+    e.g. with :func:`format_percent` or :func:`format_mean_std`). Ends with a newline.
+    """
+    if not columns:
+        raise ValueError("markdown_table needs at least one column")
+    lines = [
+        "| " + " | ".join(_cell(c) for c in columns) + " |",
+        "|" + "|".join("---" for _ in columns) + "|",
+    ]
+    for row in rows:
+        lines.append("| " + " | ".join(_cell(row.get(c)) for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _json_value(value: Any) -> Any:
+    """Plain JSON value: tensors/numpy scalars -> python numbers, NaN/inf -> None."""
+    if hasattr(value, "item") and callable(value.item):
+        try:
+            value = value.item()
+        except (ValueError, RuntimeError):  # non-scalar tensor/array
+            value = value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsReportWriter:
+    """On ``Events.COMPLETED``, write ``<output_dir>/<filename>.json`` and ``.md`` (rank 0 only).
+
+    Args:
+        output_dir: folder for the two files (created if needed).
+        metric_names: keys of ``engine.state.metrics`` to report, in order; or a mapping
+            ``{state key: display name}`` (e.g. ``{"val_f1": "f1"}`` for MONAI-style names).
+            A key absent from ``engine.state.metrics`` is reported as ``null`` / ``n/a`` with
+            a warning rather than an exception, so the other numbers of a long test run
+            are not lost.
+        filename: file stem of both files.
+        title: Markdown heading.
+        extra: additional JSON-serialisable information stored under ``"extra"`` (e.g.
+            checkpoint, split, seed).
+
+    JSON layout::
+
+        {"title": ..., "metrics": {"f1": 0.914, ...}, "n_samples": 1234, "extra": {...}}
+
+    ``n_samples`` comes from ``engine.state.metric_sample_counts`` (set by
+    :class:`custom_components.metrics.EpochScoreMetric`) or a ``"n"`` metric, else ``null``.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        metric_names: Sequence[str] | Mapping[str, str] = DEFAULT_METRICS,
+        filename: str = "metrics",
+        title: str = "Test metrics",
+        extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        if isinstance(metric_names, str):
+            metric_names = (metric_names,)
+        if isinstance(metric_names, Mapping):
+            self.metric_names: dict[str, str] = {str(k): str(v) for k, v in metric_names.items()}
+        else:
+            self.metric_names = {str(k): str(k) for k in metric_names}
+        self.filename = filename
+        self.title = title
+        self.extra = dict(extra) if extra is not None else {}
+
+    @property
+    def json_path(self) -> Path:
+        return self.output_dir / f"{self.filename}.json"
+
+    @property
+    def markdown_path(self) -> Path:
+        return self.output_dir / f"{self.filename}.md"
+
+    def attach(self, engine: Engine) -> None:
+        """Register :meth:`__call__` on ``Events.COMPLETED`` (once per engine)."""
+        if not engine.has_event_handler(self, Events.COMPLETED):
+            engine.add_event_handler(Events.COMPLETED, self)
+
+    @staticmethod
+    def _num_samples(engine: Engine, state_metrics: Mapping[str, Any]) -> int | None:
+        counts = getattr(engine.state, "metric_sample_counts", None)
+        if isinstance(counts, Mapping) and counts:
+            return int(max(counts.values()))
+        if "n" in state_metrics:
+            return int(_json_value(state_metrics["n"]))
+        return None
+
+    def build_report(self, state_metrics: Mapping[str, Any], n_samples: int | None = None) -> tuple[dict, str]:
+        """The JSON object and the Markdown text for ``state_metrics`` (no file I/O)."""
+        values: dict[str, Any] = {}
+        for key, label in self.metric_names.items():
+            if key not in state_metrics:
+                logger.warning("metric %r not found in engine.state.metrics (have %s)", key, sorted(state_metrics))
+            values[label] = _json_value(state_metrics.get(key))
+        report = {"title": self.title, "metrics": values, "n_samples": n_samples, "extra": self.extra}
+        rows = [{"metric": label, "value": format_percent(v)} for label, v in values.items()]
+        md = f"# {self.title}\n\n" + markdown_table(rows, ["metric", "value"])
+        if n_samples is not None:
+            md += f"\nValues in percent; {n_samples} samples.\n"
+        else:
+            md += "\nValues in percent.\n"
+        return report, md
+
+    def __call__(self, engine: Engine) -> None:
+        # Metrics are already gathered across processes; one writer avoids clobbering.
+        if idist.get_rank() != 0:
+            return
+        state_metrics = dict(engine.state.metrics)
+        report, md = self.build_report(state_metrics, self._num_samples(engine, state_metrics))
+        atomic_save_json(report, self.json_path)
+        atomic_write_text(md, self.markdown_path)
+        logger.info("metrics report written to %s and %s", self.json_path, self.markdown_path)

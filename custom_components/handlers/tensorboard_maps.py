@@ -1,0 +1,94 @@
+"""TensorBoard image panels of slice / mask / explanation map, written every epoch."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import ignite.distributed as idist
+import torch
+from ignite.engine import Engine, Events
+
+from custom_components.explain.base import Explainer
+
+__all__ = ["ExplanationPanels", "normalize_per_image", "select_positive_examples"]
+
+
+def normalize_per_image(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Min-max each image of a (N, ...) tensor to [0, 1] for display (constant -> 0)."""
+    flat = x.reshape(x.shape[0], -1)
+    lo, hi = flat.min(1, keepdim=True).values, flat.max(1, keepdim=True).values
+    return ((flat - lo) / (hi - lo).clamp_min(eps)).reshape(x.shape)
+
+
+def select_positive_examples(dataset: Sequence[dict], count: int, label_key: str = "label") -> list[dict]:
+    """The ``count`` positive items with the largest masks, using the dataset's cheap label index if any.
+
+    Falls back to the first items when the dataset has no positive slice.
+    """
+    labels = getattr(dataset, "labels", None)
+    indices = [i for i in range(len(dataset)) if labels is None or labels[i] > 0.5]
+    if labels is None:
+        indices = [i for i in indices if float(dataset[i][label_key].reshape(-1)[0]) > 0.5]
+    indices = indices or list(range(min(count, len(dataset))))
+    # Spread the picks over the positive slices rather than taking one scan's first slices.
+    step = max(len(indices) // max(count, 1), 1)
+    return [dataset[i] for i in indices[::step][:count]]
+
+
+class ExplanationPanels:
+    """Write ``<tag>/image``, ``<tag>/mask`` and ``<tag>/map`` panels after every ``interval`` epochs.
+
+    Args:
+        explainer: explanation method (its model is the trained network).
+        dataset: items with ``image`` (C, H, W) and ``mask`` (1, H, W); positive items are chosen once.
+        summary_writer: a ``torch.utils.tensorboard.SummaryWriter`` (shared with the stats handler).
+        num_images: number of slices in each panel.
+        display_channel: image channel shown (-1: FLAIR of the T1/T2/FLAIR stack).
+    """
+
+    def __init__(
+        self,
+        explainer: Explainer,
+        dataset: Sequence[dict],
+        summary_writer: Any,
+        tag: str = "explanation",
+        num_images: int = 4,
+        display_channel: int = -1,
+        interval: int = 1,
+        device: str | torch.device | None = None,
+    ) -> None:
+        self.explainer = explainer
+        self.dataset = dataset
+        self.writer = summary_writer
+        self.tag = tag
+        self.num_images = num_images
+        self.display_channel = display_channel
+        self.interval = interval
+        self.device = device
+        self._items: list[dict] | None = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
+
+    def __call__(self, engine: Engine) -> None:
+        if idist.get_rank() != 0:
+            return
+        if self._items is None:
+            self._items = select_positive_examples(self.dataset, self.num_images)
+        device = self.device or getattr(engine.state, "device", None) or "cpu"
+        images = torch.stack([it["image"] for it in self._items]).to(device)
+        masks = torch.stack([it["mask"] for it in self._items]).float()
+        model = self.explainer.model
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                maps = self.explainer.attribute(images).detach().float().cpu()
+        finally:
+            model.train(was_training)
+        step = engine.state.epoch
+        shown = images[:, self.display_channel : self.display_channel + 1 or None].float().cpu()
+        self.writer.add_images(f"{self.tag}/image", normalize_per_image(shown), step)
+        self.writer.add_images(f"{self.tag}/mask", masks.reshape(masks.shape[0], 1, *masks.shape[-2:]), step)
+        self.writer.add_images(f"{self.tag}/map", normalize_per_image(maps.unsqueeze(1)), step)
+        self.writer.flush()

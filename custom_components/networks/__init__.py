@@ -1,0 +1,3 @@
+from .vit import AttributionViT
+
+__all__ = ["AttributionViT"]

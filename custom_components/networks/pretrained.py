@@ -1,0 +1,94 @@
+"""Load local timm / DINO / MAE / project checkpoints into :class:`AttributionViT`.
+
+:class:`~custom_components.networks.vit.AttributionViT` uses timm's parameter names, so the key
+mapping only strips wrappers and prefixes (``model``, ``teacher``, ``state_dict``; ``module.``,
+``backbone.``), drops what a classifier does not use (MAE decoder, mask token, a head of another
+size) and resamples the position embedding when the patch grid differs (timm's bicubic rule).
+Nothing is downloaded: ``path`` is a local file.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+
+from custom_components.io import InputDataError, load_checkpoint
+
+__all__ = ["load_pretrained_vit", "map_state_dict"]
+
+logger = logging.getLogger(__name__)
+
+_WRAPPERS = ("model", "state_dict", "teacher", "student", "model_state")
+_PREFIXES = ("module.", "backbone.", "encoder.", "model.")
+_DROPPED = ("decoder", "mask_token", "fc_norm")
+
+
+def _unwrap_checkpoint(ckpt: Mapping) -> Mapping[str, torch.Tensor]:
+    for key in _WRAPPERS:
+        if key in ckpt and isinstance(ckpt[key], Mapping):
+            return _unwrap_checkpoint(ckpt[key])
+    return ckpt
+
+
+def resample_pos_embed(pos_embed: torch.Tensor, grid: int, num_prefix: int = 1) -> torch.Tensor:
+    """Bicubically resample (1, prefix + n*n, D) to (1, prefix + grid*grid, D), keeping prefix tokens."""
+    prefix, patches = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
+    old = int(math.isqrt(patches.shape[1]))
+    if old == grid:
+        return pos_embed
+    d = patches.shape[-1]
+    patches = patches.reshape(1, old, old, d).permute(0, 3, 1, 2).float()
+    patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", antialias=True, align_corners=False)
+    patches = patches.permute(0, 2, 3, 1).reshape(1, grid * grid, d).to(pos_embed.dtype)
+    return torch.cat([prefix, patches], dim=1)
+
+
+def map_state_dict(state: Mapping[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Map a timm-layout state dict onto ``model``'s keys and shapes (see module docstring)."""
+    state = dict(_unwrap_checkpoint(state))
+    for prefix in _PREFIXES:
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    target = model.state_dict()
+    mapped: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.startswith(_DROPPED):
+            continue
+        if key == "pos_embed" and key in target and value.shape != target[key].shape:
+            value = resample_pos_embed(value, model.grid_size)
+        if key == "patch_embed.proj.weight" and value.shape[1] != target[key].shape[1] and target[key].shape[1] == 1:
+            value = value.sum(dim=1, keepdim=True)  # RGB weights on a single-channel input
+        if key.startswith("head.") and key in target and value.shape != target[key].shape:
+            logger.info("skipping %s: %s checkpoint head, model has %s", key, list(value.shape), list(target[key].shape))
+            continue
+        mapped[key] = value
+    return mapped
+
+
+def load_pretrained_vit(model: torch.nn.Module, path: str | Path, strict_backbone: bool = True) -> dict[str, list[str]]:
+    """Load ``path`` into ``model``; returns the missing/unexpected keys.
+
+    With ``strict_backbone`` every backbone parameter must be found (only the head may stay
+    randomly initialised) and no checkpoint key may be left unused; otherwise an
+    :class:`~custom_components.io.InputDataError` names the file and the keys.
+    """
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, Mapping):
+        raise InputDataError(path, f"expected a state dict, found {type(ckpt).__name__}")
+    mapped = map_state_dict(ckpt, model)
+    target = model.state_dict()
+    wrong = [f"{k}: {list(v.shape)} vs {list(target[k].shape)}" for k, v in mapped.items() if k in target and v.shape != target[k].shape]
+    if wrong:
+        raise InputDataError(path, "shape mismatch for " + "; ".join(wrong[:5]))
+    result = model.load_state_dict(mapped, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("head")]
+    if strict_backbone and (missing or result.unexpected_keys):
+        raise InputDataError(
+            path, f"does not fit the network: missing {missing[:8]}, unexpected {list(result.unexpected_keys)[:8]}"
+        )
+    return {"missing_keys": list(result.missing_keys), "unexpected_keys": list(result.unexpected_keys)}

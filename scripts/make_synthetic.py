@@ -1,0 +1,61 @@
+#!/usr/bin/env python
+"""Write synthetic format twins of the datasets (exact on-disk layouts, synthetic content).
+
+Commands (one per dataset; add e.g. ``lits17`` as another function in ``COMMANDS``)::
+
+    python scripts/make_synthetic.py brats20 --output_dir D [--shape 48,48,20] [--seed 0] [--compress True]
+        [--n_per_split 3,2,2] [--case_ids ID1,ID2]
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Sequence
+
+import fire
+
+from custom_components.io import InputDataError
+
+
+def _ints(value: int | str | Sequence[int]) -> tuple[int, ...]:
+    """Accept ``48,48,20`` as fire passes it (a tuple) or as a string."""
+    if isinstance(value, str):
+        value = [v for v in value.replace("x", ",").split(",") if v.strip()]
+    elif isinstance(value, int):
+        value = [value]
+    return tuple(int(v) for v in value)
+
+
+def brats20(
+    output_dir: str,
+    shape: str | Sequence[int] = (240, 240, 155),
+    seed: int = 0,
+    compress: bool = True,
+    n_per_split: str | Sequence[int] = (3, 2, 2),
+    case_ids: str | Sequence[str] | None = None,
+) -> str:
+    """BraTS2020 twin: ``<output_dir>/MICCAI_BraTS2020_TrainingData/<case>/<case>_<mod>.nii[.gz]``."""
+    from custom_components.data.synthetic import write_brats20_twin
+
+    if isinstance(case_ids, str):
+        case_ids = [c.strip() for c in case_ids.split(",") if c.strip()]
+    root = write_brats20_twin(output_dir, case_ids=case_ids, n_per_split=_ints(n_per_split),
+                              shape=_ints(shape), seed=int(seed), compress=bool(compress))
+    print(root)
+    return str(root)
+
+
+COMMANDS = {"brats20": brats20}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        fire.Fire(COMMANDS, command=argv, serialize=lambda _: None)
+    except InputDataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

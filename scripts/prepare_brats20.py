@@ -1,0 +1,71 @@
+#!/usr/bin/env python
+"""Prepare BraTS2020 for the LGM-ViT bundles (spec section 6: Data preparation).
+
+Commands::
+
+    python scripts/prepare_brats20.py prepare --dataset_dir D --output_dir O [--image_size 256]
+        [--dtype float16] [--split brats20] [--cases ID1,ID2] [--overwrite] [--progress False]
+    python scripts/prepare_brats20.py split_to_datalist \\
+        --split_json /work/shared/data/splits/brats20_lgmvit_split.json --out data_lists/brats20.json
+
+Bad input data ends with a one-line ``error: ...`` on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import fire
+
+from custom_components.data.brats20 import prepare_brats20
+from custom_components.data.datalists import split_to_datalist as _split_to_datalist
+from custom_components.io import InputDataError, atomic_save_json
+
+
+def prepare(
+    dataset_dir: str,
+    output_dir: str,
+    split: str | None = "brats20",
+    image_size: int = 256,
+    dtype: str = "float16",
+    cases: str | list[str] | tuple[str, ...] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> str:
+    """Prepare the slice store in ``output_dir``; print and return the datalist path."""
+    if isinstance(cases, str):
+        cases = [c.strip() for c in cases.split(",") if c.strip()]
+    path = prepare_brats20(dataset_dir, output_dir, split=split, image_size=image_size, dtype=dtype,
+                           cases=cases, overwrite=overwrite, progress=progress)
+    print(f"datalist: {path}")
+    return str(path)
+
+
+def split_to_datalist(split_json: str, out: str = "data_lists/brats20.json") -> str:
+    """Convert a published ``train``/``val``/``test`` split of case IDs to our datalist form."""
+    path = Path(split_json)
+    try:
+        split = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise InputDataError(path, f"cannot read split JSON ({type(e).__name__}: {e})") from e
+    datalist = _split_to_datalist(split)
+    atomic_save_json(datalist, out)
+    print(f"{out}: " + ", ".join(f"{k} {len(v)}" for k, v in datalist.items()))
+    return str(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        # serialize=lambda: None keeps fire from echoing the return value
+        fire.Fire({"prepare": prepare, "split_to_datalist": split_to_datalist}, command=argv,
+                  serialize=lambda _: None)
+    except InputDataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
