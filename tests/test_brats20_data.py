@@ -26,11 +26,14 @@ SHAPE = (40, 40, 16)
 MODS = ("t1", "t1ce", "t2", "flair", "seg")
 
 
-def nib_labels(case_dir: Path) -> np.ndarray:
+def nib_labels_file(path: Path) -> np.ndarray:
     """Independent per-slice labels: slice k is positive iff seg[:, :, k] has any tumour voxel."""
-    seg_file = next(case_dir.glob("*_seg.nii*"))
-    seg = np.asanyarray(nib.load(seg_file).dataobj)
+    seg = np.asanyarray(nib.load(path).dataobj)
     return np.array([int(seg[:, :, k].any()) for k in range(seg.shape[2])])
+
+
+def nib_labels(case_dir: Path) -> np.ndarray:
+    return nib_labels_file(next(case_dir.glob("*_seg.nii*")))
 
 
 def store_files(root: Path) -> list[Path]:
@@ -137,7 +140,7 @@ def test_load_case_orientation_and_normalisation(twin):
     k = SHAPE[2] // 2
     sl = flair[:, :, k].T
     np.testing.assert_allclose(image[k, 2], (sl - sl.min()) / (sl.max() - sl.min()), atol=1e-6)
-    assert image[:, :, :, :].min() >= 0 and image.max() <= 1
+    assert image.min() >= 0 and image.max() <= 1
     # bicubic upsampling may overshoot [0, 1] slightly; it is not clipped (spec section 6)
     big, big_mask = load_case(case_dir, image_size=64)
     assert big.shape == (SHAPE[2], 3, 64, 64) and big_mask.shape == (SHAPE[2], 64, 64)
@@ -155,11 +158,6 @@ def test_uncompressed_and_case_355_seg_name(tmp_path):
     meta = json.loads((tmp_path / "out" / case / "meta.json").read_text())
     assert meta["sources"]["seg"] == "W39_1998.09.19_Segm.nii"
     assert meta["labels"] == nib_labels_file(case_dir / "W39_1998.09.19_Segm.nii").tolist()
-
-
-def nib_labels_file(path: Path) -> np.ndarray:
-    seg = np.asanyarray(nib.load(path).dataobj)
-    return np.array([int(seg[:, :, k].any()) for k in range(seg.shape[2])])
 
 
 # ---------------------------------------------------------------- slice dataset
@@ -277,15 +275,22 @@ def test_resume_skip_redo_and_overwrite(twin, tmp_path, capsys):
 def test_missing_and_extra_cases_reported(twin, tmp_path, capsys):
     ds = tmp_path / "ds"
     shutil.copytree(twin, ds / "MICCAI_BraTS2020_TrainingData")
-    write_brats20_twin(ds, case_ids=["BraTS20_Training_001"], shape=SHAPE)  # 001 is not in the split? check
-    in_split = "BraTS20_Training_001" in {c for v in load_split("brats20").values() for c in v}
+    extra = "BraTS20_Training_999"  # a valid folder name that the published split does not list
+    write_brats20_twin(ds, case_ids=[extra], shape=SHAPE)
     dl = json.loads(prepare_brats20(ds, tmp_path / "out", image_size=32, progress=False).read_text())
     out = capsys.readouterr().out
-    assert "362 of 369 split cases are not in" in out or in_split
-    if not in_split:
-        assert "not in split" in out and "BraTS20_Training_001" in out
-        assert not (tmp_path / "out" / "BraTS20_Training_001").exists()
-    assert sum(len(v) for v in dl.values()) == 7 + in_split
+    assert "362 of 369 split cases are not in" in out and "BraTS20_Training_" in out
+    assert "1 cases in" in out and extra in out
+    assert not (tmp_path / "out" / extra).exists()
+    assert sum(len(v) for v in dl.values()) == 7 and "unsplit" not in dl
+    # explicitly requested cases outside the split go under "unsplit"
+    first = load_split("brats20")["training"][0]
+    dl = json.loads(prepare_brats20(ds, tmp_path / "out", image_size=32, cases=[extra, first],
+                                    progress=False).read_text())
+    assert [e["case"] for e in dl["unsplit"]] == [extra]
+    assert [e["case"] for e in dl["training"]] == [first] and dl["validation"] == dl["test"] == []
+    with pytest.raises(InputDataError, match="requested cases not found: BraTS20_Training_998"):
+        prepare_brats20(ds, tmp_path / "out", cases=["BraTS20_Training_998"], progress=False)
 
 
 # ---------------------------------------------------------------- bad inputs
@@ -304,12 +309,16 @@ def _expect_error(case_dir: Path, out: Path, file_part: str, *problem: str) -> N
     assert not list(out.rglob("*.tmp"))
 
 
-def test_truncated_file(tmp_path):
-    case_dir = one_case(tmp_path)
-    f = case_dir / f"{case_dir.name}_t2.nii.gz"
+@pytest.mark.parametrize("compress", [True, False])
+def test_truncated_file(tmp_path, compress):
+    case_dir = one_case(tmp_path, compress=compress)
+    f = case_dir / f"{case_dir.name}_t2.nii{'.gz' if compress else ''}"
     data = f.read_bytes()
     f.write_bytes(data[: len(data) // 2])
     _expect_error(case_dir, tmp_path / "out", f.name, "cannot read")
+    with pytest.raises(InputDataError) as ei:
+        load_case(case_dir, 32)
+    assert "\n" not in str(ei.value)  # the CLI prints it as one line
 
 
 def test_missing_modality(tmp_path):
@@ -408,7 +417,7 @@ def test_cli_make_synthetic_and_prepare(tmp_path):
 def test_real_format_sample(tmp_path):
     data = REAL / "MICCAI_BraTS2020_TrainingData"
     ids = ["BraTS20_Training_001", "BraTS20_Training_002"]
-    # the samples' IDs are placeholders; whether or not the split lists them, all must be prepared
+    # the samples reuse IDs of the published split (placeholders, not those patients)
     dl_path = prepare_brats20(REAL, tmp_path, image_size=64, cases=ids, progress=False)
     dl = json.loads(dl_path.read_text())
     split_of = {c: k for k, v in load_split("brats20").items() for c in v}

@@ -93,11 +93,16 @@ def case_files(case_dir: str | os.PathLike) -> dict[str, Path]:
     return files
 
 
+def _why(e: Exception) -> str:
+    # one line: some nibabel messages span several, and the CLI prints a one-line error
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
+
+
 def _open(case: str, path: Path) -> nib.Nifti1Image:
     try:
         img = nib.load(path)
     except Exception as e:  # bad magic, truncated header, unreadable gzip ...
-        raise InputDataError(path, f"case {case}: cannot read NIfTI file ({type(e).__name__}: {e})") from e
+        raise InputDataError(path, f"case {case}: cannot read NIfTI file ({_why(e)})") from e
     if len(img.shape) != 3:
         raise InputDataError(path, f"case {case}: expected a 3-D volume, got shape {tuple(img.shape)}")
     return img
@@ -107,7 +112,7 @@ def _read(case: str, path: Path, img: nib.Nifti1Image) -> np.ndarray:
     try:
         return np.asanyarray(img.dataobj)
     except Exception as e:  # truncated data, gzip EOF / CRC errors ...
-        raise InputDataError(path, f"case {case}: cannot read image data ({type(e).__name__}: {e})") from e
+        raise InputDataError(path, f"case {case}: cannot read image data ({_why(e)})") from e
 
 
 def _minmax_slices(vol: np.ndarray, out: np.ndarray) -> None:

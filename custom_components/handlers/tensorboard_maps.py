@@ -92,3 +92,22 @@ class ExplanationPanels:
         self.writer.add_images(f"{self.tag}/mask", masks.reshape(masks.shape[0], 1, *masks.shape[-2:]), step)
         self.writer.add_images(f"{self.tag}/map", normalize_per_image(maps.unsqueeze(1)), step)
         self.writer.flush()
+
+
+class _NullWriter:
+    """Stands in for a SummaryWriter on ranks other than 0: every call does nothing."""
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None
+
+
+def rank_zero_summary_writer(log_dir: str, **kwargs: Any) -> Any:
+    """A ``SummaryWriter`` on rank 0 (or without distributed training), a no-op writer elsewhere.
+
+    Lets one config serve single- and multi-process runs without event files from every rank.
+    """
+    if idist.get_rank() != 0:
+        return _NullWriter()
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=log_dir, **kwargs)
