@@ -118,14 +118,21 @@ class GuidedIteration:
 class ExplainIteration:
     """Evaluation iteration returning predictions and explanation maps (no gradients needed).
 
-    For ``SupervisedEvaluator(iteration_update=...)``: output keys ``pred`` (logits), ``label``,
-    ``map`` (B, H, W at the image size) plus the batch's ``case``/``slice`` metadata if present.
+    For ``SupervisedEvaluator(iteration_update=...)``: output keys ``pred`` (logits), ``map``
+    (B, H, W at the image size), and the batch's ``label``, ``mask``, ``case``, ``slice`` if present.
     Explainers that need gradients (GAE, Grad-CAM) enable them themselves.
     """
 
-    def __init__(self, explainer: Explainer, image_key: str = "image", label_key: str = "label", meta_keys=("case", "slice")):
+    def __init__(
+        self,
+        explainer: Explainer,
+        image_key: str = "image",
+        label_key: str = "label",
+        mask_key: str = "mask",
+        meta_keys=("case", "slice"),
+    ):
         self.explainer = explainer
-        self.image_key, self.label_key = image_key, label_key
+        self.image_key, self.label_key, self.mask_key = image_key, label_key, mask_key
         self.meta_keys = tuple(meta_keys)
 
     def __call__(self, engine, batchdata: dict[str, Any]) -> dict[str, Any]:
@@ -137,8 +144,9 @@ class ExplainIteration:
                 logits = engine.network(images)
                 maps = self.explainer.explain(logits, record, out_size=images.shape[-2:])
         out = {"image": images, "pred": logits.float(), "map": maps.float()}
-        if self.label_key in batchdata:
-            out["label"] = batchdata[self.label_key].to(images.device)
+        for key in (self.label_key, self.mask_key):
+            if key in batchdata:
+                out[key] = batchdata[key].to(images.device)
         for k in self.meta_keys:
             if k in batchdata:
                 out[k] = batchdata[k]

@@ -14,8 +14,10 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from custom_components.io import atomic_write, atomic_write_text
+from custom_components.handlers.report import markdown_table
+from custom_components.io import atomic_save_json, atomic_write, atomic_write_text
 from custom_components.metrics.classification import positive_probability
+from custom_components.metrics.map_quality import map_quality
 
 __all__ = ["PredictionWriter"]
 
@@ -32,7 +34,10 @@ class PredictionWriter:
     At completion writes ``<output_dir>/predictions.csv`` (case, slice, probability, prediction,
     label), ``<output_dir>/maps/<case>_<map_name>.nii.gz`` holding the maps of a scan as an
     (H, W, slices) float32 volume, and, with ``save_png``, ``<output_dir>/maps/<case>_<map_name>.png``:
-    the scan's most confident positive slices above their maps. All files are written atomically.
+    the scan's most confident positive slices above their maps. When the batches carry masks it
+    also writes ``explanation_quality.json`` / ``.md``: pointing game and IoU at top-k % of the maps
+    over the slices with a non-empty mask (``specs/explanations.md`` section 7), overall and per
+    scan. All files are written atomically.
     """
 
     def __init__(
@@ -43,6 +48,7 @@ class PredictionWriter:
         save_png: bool = True,
         png_slices: int = 4,
         display_channel: int = -1,
+        topk: tuple[float, ...] = (10.0,),
     ) -> None:
         self.output_dir = Path(output_dir)
         self.map_name = map_name
@@ -50,6 +56,8 @@ class PredictionWriter:
         self.save_png = save_png
         self.png_slices = png_slices
         self.display_channel = display_channel
+        self.topk = tuple(topk)
+        self.quality: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
         self.rows: list[dict] = []
         self.maps: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
         self.images: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
@@ -60,6 +68,7 @@ class PredictionWriter:
         engine.add_event_handler(Events.COMPLETED, self.write)
 
     def reset(self) -> None:
+        self.quality.clear()
         self.rows.clear()
         self.maps.clear()
         self.images.clear()
@@ -70,6 +79,8 @@ class PredictionWriter:
         cases = _as_list(out.get("case", ["scan"] * len(probs)))
         slices = _as_list(out.get("slice", range(len(probs))))
         labels = _as_list(out["label"]) if "label" in out else [None] * len(probs)
+        if "mask" in out:
+            self._score(out["map"].cpu(), out["mask"].cpu(), cases)
         maps = out["map"].cpu().numpy()
         shown = out["image"][:, self.display_channel].float().cpu().numpy()
         for i, p in enumerate(probs.tolist()):
@@ -81,6 +92,36 @@ class PredictionWriter:
             if self.save_png:
                 self.images[case][index] = shown[i]
 
+    def _score(self, maps: torch.Tensor, masks: torch.Tensor, cases: list) -> None:
+        for case in dict.fromkeys(str(c) for c in cases):
+            rows = torch.tensor([str(c) == case for c in cases])
+            for name, values in map_quality(maps[rows], masks[rows], self.topk).items():
+                self.quality[case][name].extend(values)
+
+    def _write_quality(self) -> None:
+        if not self.quality:
+            return
+        names = list(next(iter(self.quality.values())))
+
+        def summary(per_name: dict[str, list[float]]) -> dict:
+            n = len(per_name[names[0]])
+            return {"n_slices": n, **{k: (sum(v) / n if n else None) for k, v in per_name.items()}}
+
+        pooled = {k: [x for case in self.quality.values() for x in case[k]] for k in names}
+        report = {"map": self.map_name, "overall": summary(pooled), "per_case": {c: summary(v) for c, v in sorted(self.quality.items())}}
+        atomic_save_json(report, self.output_dir / "explanation_quality.json")
+
+        def fmt(row: dict) -> dict:
+            return {k: (f"{100 * v:.2f}" if isinstance(v, float) else ("n/a" if v is None else v)) for k, v in row.items()}
+
+        rows = [{"scan": "all", **fmt(report["overall"])}] + [{"scan": c, **fmt(v)} for c, v in report["per_case"].items()]
+        text = (
+            f"# Explanation quality of the {self.map_name} maps\n\n"
+            "Slices with a non-empty mask only; values in percent. Pointing game: the map's maximum lies in the mask. "
+            "IoU top-k: box around the top-k % pixels vs the mask.\n\n" + markdown_table(rows, ["scan", "n_slices", *names]) + "\n"
+        )
+        atomic_write_text(text, self.output_dir / "explanation_quality.md")
+
     def write(self, engine: Engine) -> None:
         if idist.get_rank() != 0:
             return
@@ -89,6 +130,7 @@ class PredictionWriter:
         writer.writeheader()
         writer.writerows(sorted(self.rows, key=lambda r: (r["case"], r["slice"])))
         atomic_write_text(buf.getvalue(), self.output_dir / "predictions.csv")
+        self._write_quality()
         probability = {(r["case"], r["slice"]): r["probability"] for r in self.rows}
         for case, by_slice in self.maps.items():
             order = sorted(by_slice)

@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 _WRAPPERS = ("model", "state_dict", "teacher", "student", "model_state")
 _PREFIXES = ("module.", "backbone.", "encoder.", "model.")
-_DROPPED = ("decoder", "mask_token", "fc_norm")
+_DROPPED = ("decoder", "mask_token")
 
 
 def _unwrap_checkpoint(ckpt: Mapping) -> Mapping[str, torch.Tensor]:
@@ -54,10 +54,14 @@ def map_state_dict(state: Mapping[str, torch.Tensor], model: torch.nn.Module) ->
     for prefix in _PREFIXES:
         if state and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
+    if any(k.startswith("fc_norm.") for k in state) and not any(k.startswith("norm.") for k in state):
+        # MAE fine-tuned (global-pool) checkpoints keep their final norm as fc_norm (as in the
+        # ugent-korea study, it becomes the token-sequence norm of a CLS-pooled ViT).
+        state = {("norm." + k[len("fc_norm."):] if k.startswith("fc_norm.") else k): v for k, v in state.items()}
     target = model.state_dict()
     mapped: dict[str, torch.Tensor] = {}
     for key, value in state.items():
-        if key.startswith(_DROPPED):
+        if key.startswith(_DROPPED) or key.startswith("fc_norm."):
             continue
         if key == "pos_embed" and key in target and value.shape != target[key].shape:
             value = resample_pos_embed(value, model.grid_size)
