@@ -109,7 +109,9 @@ class ViTCapture:
             h.remove()
         self._handles.clear()
         for attn in self._switched:
-            attn.record_attention = False
+            # another live capture may still hook this block: keep its explicit-softmax path on
+            if not attn.attn_probs._forward_hooks:
+                attn.record_attention = False
         self._switched.clear()
         self.clear()
 
@@ -120,4 +122,5 @@ class ViTCapture:
         self.release()
 
     def __del__(self) -> None:
-        self.release()
+        if "_handles" in self.__dict__:  # __init__ may have failed before registering anything
+            self.release()

@@ -88,7 +88,8 @@ class TrainingCheckpoint:
 class BestMetricSaver:
     """Keep the network with the best value of ``metric_name`` (ties: the later epoch wins, as upstream).
 
-    Attach to the validation evaluator; ``epoch_source`` (the trainer) supplies the epoch number.
+    Attach to the validation evaluator; the epoch number is the evaluator's (equal to the trainer's
+    under MONAI's ``ValidationHandler``) unless ``epoch_source`` names another engine.
     The saved file holds the network's ``state_dict`` only, loadable with ``weights_only=True``.
     """
 
@@ -126,7 +127,8 @@ class BestMetricSaver:
         if not self._better(value):
             return
         self.best_value = value
-        self.best_epoch = self.epoch_source.state.epoch if self.epoch_source is not None else self.best_epoch + 1
+        # MONAI's ValidationHandler runs the evaluator with the trainer's epoch as its own.
+        self.best_epoch = self.epoch_source.state.epoch if self.epoch_source is not None else engine.state.epoch
         if idist.get_rank() == 0:
             atomic_save(_unwrap(self.network).state_dict(), self.path)
             logger.info("new best %s = %.4f at epoch %d -> %s", self.metric_name, value, self.best_epoch, self.path)

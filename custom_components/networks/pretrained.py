@@ -54,6 +54,10 @@ def map_state_dict(state: Mapping[str, torch.Tensor], model: torch.nn.Module) ->
     for prefix in _PREFIXES:
         if state and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
+        elif prefix == "backbone." and any(k.startswith(prefix) for k in state):
+            # DINO teacher/student dicts hold ``backbone.*`` next to the DINO projection ``head.*``,
+            # which is not a classifier head: keep the backbone only.
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     if any(k.startswith("fc_norm.") for k in state) and not any(k.startswith("norm.") for k in state):
         # MAE fine-tuned (global-pool) checkpoints keep their final norm as fc_norm (as in the
         # ugent-korea study, it becomes the token-sequence norm of a CLS-pooled ViT).
