@@ -120,7 +120,7 @@ class ExplainIteration:
 
     For ``SupervisedEvaluator(iteration_update=...)``: output keys ``pred`` (logits), ``map``
     (B, H, W at the image size), and the batch's ``label``, ``mask``, ``case``, ``slice`` if present.
-    Explainers that need gradients (GAE, Grad-CAM) enable them themselves.
+    Autograd stays off unless the explainer ``needs_gradients`` (GAE, Grad-CAM).
     """
 
     def __init__(
@@ -139,11 +139,12 @@ class ExplainIteration:
         images = batchdata[self.image_key].to(engine.state.device, non_blocking=engine.non_blocking)
         engine.network.eval()
         device_type = images.device.type
-        with torch.no_grad(), torch.autocast(device_type=device_type, enabled=bool(engine.amp)):
-            with self.explainer.capture(detach=True) as record:
+        grads = self.explainer.needs_gradients
+        with torch.set_grad_enabled(grads), torch.autocast(device_type=device_type, enabled=bool(engine.amp)):
+            with self.explainer.capture(detach=not grads) as record:
                 logits = engine.network(images)
                 maps = self.explainer.explain(logits, record, out_size=images.shape[-2:])
-        out = {"image": images, "pred": logits.float(), "map": maps.float()}
+        out = {"image": images, "pred": logits.detach().float(), "map": maps.detach().float()}
         for key in (self.label_key, self.mask_key):
             if key in batchdata:
                 out[key] = batchdata[key].to(images.device)

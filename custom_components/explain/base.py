@@ -36,6 +36,10 @@ class Explainer(ABC):
         model: the network (DDP wrappers are looked through by the capture).
     """
 
+    #: Whether :meth:`explain` differentiates through the forward pass (GAE, Grad-CAM). Callers
+    #: that explain without training (inference, TensorBoard panels) keep autograd on for these.
+    needs_gradients: bool = False
+
     def __init__(self, model: nn.Module) -> None:
         self.model = model
 

@@ -82,7 +82,7 @@ class ExplanationPanels:
         was_training = model.training
         model.eval()
         try:
-            with torch.no_grad():
+            with torch.set_grad_enabled(self.explainer.needs_gradients):
                 maps = self.explainer.attribute(images).detach().float().cpu()
         finally:
             model.train(was_training)
