@@ -52,6 +52,7 @@ def test_vit_b16_shapes_at_256():
 # --------------------------------------------------------------------------- forward paths
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit")
 @pytest.mark.parametrize(
     "kw",
     [dict(), dict(faithful=True), dict(pos_embed="learnable"), dict(pos_embed="none", num_classes=3)],
