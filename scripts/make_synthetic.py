@@ -5,6 +5,8 @@ Commands (one per dataset; add e.g. ``lits17`` as another function in ``COMMANDS
 
     python scripts/make_synthetic.py brats20 --output_dir D [--shape 48,48,20] [--seed 0] [--compress True]
         [--n_per_split 3,2,2] [--case_ids ID1,ID2]
+    python scripts/make_synthetic.py lits17 --output_dir D [--shape 512,512,75] [--seed 0] [--compress False]
+        [--n_per_split 3,2,2] [--case_ids volume-0,volume-1]
 """
 
 from __future__ import annotations
@@ -45,7 +47,26 @@ def brats20(
     return str(root)
 
 
-COMMANDS = {"brats20": brats20}
+def lits17(
+    output_dir: str,
+    shape: str | Sequence[int] = (512, 512, 75),
+    seed: int = 0,
+    compress: bool = False,
+    n_per_split: str | Sequence[int] = (3, 2, 2),
+    case_ids: str | Sequence[str] | None = None,
+) -> str:
+    """LiTS17 twin: ``<output_dir>/scans/volume-N.nii[.gz]`` + ``segmentations/segmentation-N.nii[.gz]``."""
+    from custom_components.data.synthetic import write_lits17_twin
+
+    if isinstance(case_ids, str):
+        case_ids = [c.strip() for c in case_ids.split(",") if c.strip()]
+    root = write_lits17_twin(output_dir, case_ids=case_ids, n_per_split=_ints(n_per_split),
+                             shape=_ints(shape), seed=int(seed), compress=bool(compress))
+    print(root)
+    return str(root)
+
+
+COMMANDS = {"brats20": brats20, "lits17": lits17}
 
 
 def main(argv: list[str] | None = None) -> int:

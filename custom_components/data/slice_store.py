@@ -167,6 +167,13 @@ class ScanChunkBatchSampler(Sampler[list[int]]):
     With ``num_replicas > 1`` rank ``r`` takes scans ``r::num_replicas`` of the permuted order.
     Ranks may then get different numbers of batches (scans are not padded or repeated), so
     distributed training must not rely on equal batch counts per rank.
+
+    ``last_batch_min_ratio`` (training only; LiTS17 uses 0.7, spec section 6): for a scan of
+    ``n`` slices with ``r = n % chunk_size``, if ``0 < r < last_batch_min_ratio * chunk_size``
+    a random contiguous run of ``n - r`` slices is used instead of the whole scan (a new run
+    each epoch, deterministic from ``seed``, ``epoch`` and the scan), so no short last batch
+    remains (n = 100, chunk 32 -> 96 slices; n = 120 -> r = 24 >= 22.4, all slices). Scans
+    shorter than one chunk are kept whole. ``None`` (default): every slice of every scan.
     """
 
     def __init__(
@@ -177,11 +184,15 @@ class ScanChunkBatchSampler(Sampler[list[int]]):
         seed: int = 0,
         num_replicas: int = 1,
         rank: int = 0,
+        last_batch_min_ratio: float | None = None,
     ):
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         if num_replicas < 1 or not 0 <= rank < num_replicas:
             raise ValueError(f"bad rank {rank} for num_replicas {num_replicas}")
+        if last_batch_min_ratio is not None and not 0.0 <= last_batch_min_ratio <= 1.0:
+            raise ValueError(f"last_batch_min_ratio must be in [0, 1] or None, got {last_batch_min_ratio}")
+        self.last_batch_min_ratio = last_batch_min_ratio
         self.ranges = [(int(a), int(b)) for a, b in case_slice_ranges]
         self.chunk_size = int(chunk_size)
         self.shuffle = shuffle
@@ -200,13 +211,31 @@ class ScanChunkBatchSampler(Sampler[list[int]]):
             order = torch.randperm(len(self.ranges), generator=g).tolist()
         return order[self.rank :: self.num_replicas]
 
+    def _crop(self, scan: int) -> int:
+        """Slices dropped from ``scan`` by ``last_batch_min_ratio`` (0 = whole scan)."""
+        if self.last_batch_min_ratio is None:
+            return 0
+        start, stop = self.ranges[scan]
+        n = stop - start
+        r = n % self.chunk_size
+        return r if n > r and 0 < r < self.last_batch_min_ratio * self.chunk_size else 0
+
+    def _range(self, scan: int) -> tuple[int, int]:
+        start, stop = self.ranges[scan]
+        r = self._crop(scan)
+        if r:
+            # one offset per (seed, epoch, scan): independent of the scan order and the rank
+            offset = int(np.random.default_rng([self.seed, self.epoch, scan]).integers(0, r + 1))
+            start, stop = start + offset, stop - (r - offset)
+        return start, stop
+
     def _n_chunks(self, scan: int) -> int:
         start, stop = self.ranges[scan]
-        return -(-(stop - start) // self.chunk_size)
+        return -(-(stop - start - self._crop(scan)) // self.chunk_size)
 
     def __iter__(self) -> Iterator[list[int]]:
         for scan in self._scans():
-            start, stop = self.ranges[scan]
+            start, stop = self._range(scan)
             for a in range(start, stop, self.chunk_size):
                 yield list(range(a, min(a + self.chunk_size, stop)))
 

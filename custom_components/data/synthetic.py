@@ -18,7 +18,7 @@ import numpy as np
 
 from custom_components.data.datalists import datalist_path
 
-__all__ = ["write_brats20_twin"]
+__all__ = ["write_brats20_twin", "write_lits17_twin"]
 
 # raw scanner-like tissue intensities per modality: (white matter, grey matter, CSF,
 # oedema, necrotic core, enhancing rim); BraTS images are int16 and not normalised
@@ -163,4 +163,105 @@ def write_brats20_twin(
                 [grade, f"Brats17_CBICA_{site}_1", f"Brats18_CBICA_{site}_1", "NA",
                  f"BraTS19_CBICA_{site}_1", case]
             )
+    return root
+
+
+# ---------------------------------------------------------------- LiTS17
+
+# Hounsfield units of the tissues of the abdominal CT twin
+_HU = {"air": -1000, "fat": -100, "soft": 40, "muscle": 55, "liver": 60, "tumour": 25, "bone": 700}
+
+
+def _lits_case(rng: np.random.Generator, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """One abdominal CT-like volume (HU, float32) and its LiTS segmentation (uint8 0/1/2)."""
+    x, y, z = _grid(shape)
+    wobble = _smooth_noise(rng, shape, 0.05)
+    # body: an elliptic cylinder (all slices) with a fat layer, in air
+    r_body = (x / 0.85) ** 2 + (y / 0.7) ** 2 + wobble
+    body = r_body < 1.0
+    fat = body & (r_body > 0.75)
+    # spine (bone) behind the centre, on every slice
+    bone = ((x / 0.1) ** 2 + ((y - 0.45) / 0.1) ** 2 < 1.0) & body
+    # liver: on one side, on a contiguous run of slices (third axis) ending near the top
+    z_lo = rng.uniform(-0.3, 0.1)
+    cx, cy = rng.uniform(-0.45, -0.3), rng.uniform(-0.2, 0.0)
+    rxy = rng.uniform(0.3, 0.4)
+    zc = np.clip((z - z_lo) / (1.0 - z_lo), 0, 1)  # 0 at the liver's lower end, 1 at the top
+    grow = np.sqrt(np.clip(zc, 0, 1)) * (z >= z_lo)  # small tip at the bottom, large dome above
+    rho = np.sqrt(((x - cx) / rxy) ** 2 + ((y - cy) / (0.8 * rxy)) ** 2) + _smooth_noise(rng, shape, 0.06)
+    liver = (rho < np.maximum(grow, 0.25 * (z >= z_lo))) & body & ~fat
+    seg = liver.astype(np.uint8)
+    # one tumour inside the liver, on part of the liver slices
+    tz = rng.uniform(z_lo + 0.25 * (1 - z_lo), 1 - 0.25 * (1 - z_lo))
+    tr = rng.uniform(0.08, 0.14)
+    tumour = ((x - cx) ** 2 + (y - cy) ** 2 + ((z - tz) * 0.5) ** 2 < tr**2) & liver
+    seg[tumour] = 2
+    # make sure both labels exist even on very small grids
+    if not (seg == 1).any() or not (seg == 2).any():
+        i, j = (int(round((c + 1) / 2 * (n - 1))) for c, n in zip((cx, cy), shape[:2]))
+        k = shape[2] - 1 - shape[2] // 4
+        seg[max(i - 2, 0) : i + 3, max(j - 2, 0) : j + 3, k : shape[2]] = 1
+        seg[i, j, k + (shape[2] - k) // 2] = 2
+        liver = seg > 0
+
+    hu = np.full(shape, _HU["air"], np.float32)
+    hu[body] = _HU["soft"] + 20 * _smooth_noise(rng, shape, 1.0)[body]
+    hu[fat] = _HU["fat"]
+    hu[bone] = _HU["bone"] + rng.uniform(0, 300)
+    hu[seg == 1] = _HU["liver"] + rng.uniform(-8, 8)
+    hu[seg == 2] = _HU["tumour"] + rng.uniform(-8, 8)
+    hu += rng.normal(0, 12, shape).astype(np.float32)
+    return hu, seg
+
+
+def _default_ids(name: str, n_per_split: Sequence[int]) -> list[str]:
+    data = json.loads(datalist_path(name).read_text())
+    ids = []
+    for key, n in zip(("training", "validation", "test"), n_per_split):
+        ids += [e["case"] for e in data[key][: int(n)]]
+    return ids
+
+
+def write_lits17_twin(
+    output_dir: str | os.PathLike,
+    case_ids: Sequence[str] | None = None,
+    n_per_split: Sequence[int] = (3, 2, 2),
+    shape: Sequence[int] = (512, 512, 75),
+    seed: int = 0,
+    compress: bool = False,
+) -> Path:
+    """Write a LiTS17 twin ``<output_dir>/scans/volume-N.nii`` + ``<output_dir>/segmentations/segmentation-N.nii``.
+
+    CT volumes are int16 Hounsfield units (air -1000, fat -100, soft tissue ~40, liver ~60,
+    hypodense tumour ~25, spine 700+, noise); segmentations are uint8 with 0 background, 1 liver,
+    2 tumour inside the liver. The liver spans a contiguous run of slices of the third axis (the
+    upper part of the volume, as in LiTS), the tumour a shorter run inside it. Affine
+    diag(-s, -s, dz) with sub-millimetre in-plane spacing s (0.55-0.95 mm) and dz 0.7-5 mm,
+    like LiTS. Without ``case_ids`` the first ``n_per_split`` IDs (``volume-N``) of the
+    training/validation/test lists of ``data_lists/lits17.json`` are used. ``compress`` writes
+    ``.nii.gz`` (LiTS itself is uncompressed ``.nii``). Deterministic from ``seed``. Returns
+    ``output_dir``.
+    """
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3 or min(shape) < 8:
+        raise ValueError(f"shape must be 3 sizes >= 8, got {shape}")
+    ids = list(case_ids) if case_ids is not None else _default_ids("lits17", n_per_split)
+    root = Path(output_dir)
+    (root / "scans").mkdir(parents=True, exist_ok=True)
+    (root / "segmentations").mkdir(parents=True, exist_ok=True)
+    ext = ".nii.gz" if compress else ".nii"
+    for case in ids:
+        name = Path(case).name.removesuffix(".gz").removesuffix(".nii")
+        if not name.startswith("volume-") or not name[7:].isdigit():
+            raise ValueError(f"LiTS case IDs are volume-N, got {case!r}")
+        n = int(name[7:])
+        # one generator per case, so a case's content does not depend on the others
+        rng = np.random.default_rng([seed, n])
+        hu, seg = _lits_case(rng, shape)
+        s, dz = rng.uniform(0.55, 0.95), float(rng.choice([0.7, 1.0, 1.5, 2.5, 5.0]))
+        affine = np.diag([-s, -s, dz, 1.0])
+        affine[:3, 3] = [s * (shape[0] - 1) / 2, s * (shape[1] - 1) / 2, -dz * shape[2]]
+        ct = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
+        nib.save(_nifti(ct, affine), root / "scans" / f"volume-{n}{ext}")
+        nib.save(_nifti(seg, affine), root / "segmentations" / f"segmentation-{n}{ext}")
     return root
