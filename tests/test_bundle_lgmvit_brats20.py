@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -22,36 +21,16 @@ import torch
 from custom_components.data.synthetic import write_brats20_twin
 from custom_components.io import load_checkpoint
 
-REPO = Path(__file__).resolve().parents[1]
+from bundle_utils import REPO, SCHEMA, TINY, bundle_cmd, config_arg, subprocess_env
+from bundle_utils import run as _run
+
 BUNDLE = REPO / "bundles" / "lgmvit_brats20"
-SCHEMA = REPO.parent / "shared" / "data" / "schemas" / "meta_schema_20240725.json"
-CONFIGS = ["configs/train.json", "configs/demo.json"]
-# A tiny network and images so that each run takes seconds on 2 CPU cores.
-TINY = ["--image_size", "32", "--network_def#patch_size", "8", "--blur_kernel_size", "7", "--batch_size", "16"]
 
 pytestmark = pytest.mark.slow
 
 
-def config_arg(*extra: str) -> str:
-    return "[" + ",".join(f"'{c}'" for c in CONFIGS + list(extra)) + "]"
-
-
-def bundle_cmd(run_id: str, bundle_root: Path, dataset_dir: Path, *extra_configs: str, args=()) -> list[str]:
-    return [
-        sys.executable, "-m", "monai.bundle", "run", run_id,
-        "--config_file", config_arg(*extra_configs),
-        "--bundle_root", str(bundle_root),
-        "--dataset_dir", str(dataset_dir),
-        *TINY, *args,
-    ]  # fmt: skip
-
-
-def run(cmd: list[str], cwd: Path = BUNDLE, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-    return proc
+def run(cmd, cwd: Path = BUNDLE, **kwargs):
+    return _run(cmd, cwd=cwd, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +118,7 @@ def test_ckpt_export_torchscript_matches_eager(trained, tmp_path):
     ts = tmp_path / "model.ts"
     run([sys.executable, "-m", "monai.bundle", "ckpt_export", "network_def", "--filepath", str(ts),
          "--ckpt_file", str(trained / "models" / "model.pt"), "--meta_file", "configs/metadata.json",
-         "--config_file", config_arg(), *TINY])  # fmt: skip
+         "--config_file", config_arg("configs/train.json", "configs/demo.json"), *TINY])  # fmt: skip
     from custom_components.networks import AttributionViT
 
     demo = json.loads((BUNDLE / "configs" / "demo.json").read_text())
@@ -168,8 +147,7 @@ def test_torchrun_two_cpu_processes(tmp_path, twin):
 def test_killed_training_resumes_from_last_checkpoint(tmp_path, twin):
     epochs = 40
     cmd = bundle_cmd("training", tmp_path, twin, args=["--num_epochs", str(epochs)])
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(cmd, cwd=BUNDLE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(cmd, cwd=BUNDLE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=subprocess_env())
     last = tmp_path / "models" / "last.pt"
     deadline = time.time() + 240
     while not last.exists() and proc.poll() is None and time.time() < deadline:

@@ -1,0 +1,39 @@
+"""Helpers to run bundles in subprocesses from the tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA = REPO.parent / "shared" / "data" / "schemas" / "meta_schema_20240725.json"
+# A tiny network and images so that each run takes seconds on 2 CPU cores.
+TINY = ["--image_size", "32", "--network_def#patch_size", "8", "--blur_kernel_size", "7", "--batch_size", "16"]
+
+
+def config_arg(*configs: str) -> str:
+    return "[" + ",".join(f"'{c}'" for c in configs) + "]"
+
+
+def bundle_cmd(run_id: str, bundle_root: Path, dataset_dir: Path, *extra_configs: str, args=()) -> list[str]:
+    """``python -m monai.bundle run <run_id>`` with train.json + demo.json + ``extra_configs``, tiny settings."""
+    return [
+        sys.executable, "-m", "monai.bundle", "run", run_id,
+        "--config_file", config_arg("configs/train.json", "configs/demo.json", *extra_configs),
+        "--bundle_root", str(bundle_root),
+        "--dataset_dir", str(dataset_dir),
+        *TINY, *args,
+    ]  # fmt: skip
+
+
+def subprocess_env() -> dict:
+    return dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+
+
+def run(cmd: list[str], cwd: Path, timeout: int = 300, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=subprocess_env())
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
