@@ -14,7 +14,7 @@ import torch
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 
-from custom_components.explain.base import Explainer
+from custom_components.explain.base import Explainer, resize_maps
 from custom_components.guidance.base import GuidanceLoss, positive_selection
 
 __all__ = ["GuidedIteration", "ExplainIteration", "to_device"]
@@ -68,7 +68,10 @@ class GuidedIteration:
             with self.explainer.capture() as record:
                 logits = network(images)
                 maps = self.explainer.explain(logits, record, target=labels, out_size=masks.shape[-2:])
-                loss_loc = self.guidance(maps, masks, labels)
+                if self.guidance.needs_images:  # e.g. RES-L's learned mask imputation
+                    loss_loc = self.guidance(maps, masks, labels, images=images)
+                else:
+                    loss_loc = self.guidance(maps, masks, labels)
         else:
             logits = network(images)
             loss_loc = torch.zeros((), device=logits.device)
@@ -144,6 +147,8 @@ class ExplainIteration:
             with self.explainer.capture(detach=not grads) as record:
                 logits = engine.network(images)
                 maps = self.explainer.explain(logits, record, out_size=images.shape[-2:])
+        # Methods whose maps live on the token grid (RES) are shown and scored at the image size.
+        maps = resize_maps(maps.detach().float(), images.shape[-2:])
         out = {"image": images, "pred": logits.detach().float(), "map": maps.detach().float()}
         for key in (self.label_key, self.mask_key):
             if key in batchdata:

@@ -23,6 +23,9 @@ class GuidanceLoss(nn.Module):
     (the LGM-ViT rule) and return an exact zero, still attached to ``maps``, when there is none.
     """
 
+    #: Losses that also read the input images (RES-L) set this; they take ``images=`` then.
+    needs_images: bool = False
+
     def forward(self, maps: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 

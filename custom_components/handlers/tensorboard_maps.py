@@ -8,7 +8,7 @@ import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 
-from custom_components.explain.base import Explainer
+from custom_components.explain.base import Explainer, resize_maps
 
 __all__ = ["ExplanationPanels", "normalize_per_image", "select_positive_examples"]
 
@@ -83,7 +83,7 @@ class ExplanationPanels:
         model.eval()
         try:
             with torch.set_grad_enabled(self.explainer.needs_gradients):
-                maps = self.explainer.attribute(images).detach().float().cpu()
+                maps = resize_maps(self.explainer.attribute(images).detach().float(), images.shape[-2:]).cpu()
         finally:
             model.train(was_training)
         step = engine.state.epoch
