@@ -113,11 +113,13 @@ def _set_explicit(model: AttributionViT, on: bool) -> None:
 def _make_step(model, optimizer, loss_fn, iteration: GuidedIteration, batch, explicit_all: bool, device):
     images, labels, masks = batch
 
-    def step() -> tuple[float, float, float]:
+    def step() -> tuple[float, float, float, float]:
+        """Seconds of forward+loss, backward, optimizer step, and process CPU seconds of the step."""
         if explicit_all:
             _set_explicit(model, True)
         try:
             _sync(device)
+            c0 = time.process_time()
             t0 = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             logits, loss_cls, loss_loc = iteration.losses(model, loss_fn, images, labels, masks)
@@ -130,12 +132,13 @@ def _make_step(model, optimizer, loss_fn, iteration: GuidedIteration, batch, exp
             optimizer.step()
             _sync(device)
             t3 = time.perf_counter()
+            c3 = time.process_time()
         finally:
             # the capture of a guided step restores its own block; restore the others here
             _set_explicit(model, False)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss {loss.item()} in the benchmark step")
-        return t1 - t0, t2 - t1, t3 - t2
+        return t1 - t0, t2 - t1, t3 - t2, c3 - c0
 
     return step
 
@@ -162,7 +165,7 @@ def _bench_steps(size: str, batch: int, image_size: int, steps: int, warmup: int
         "plain_explicit": _make_step(model, optimizer, loss_fn, plain, data, True, device),
         "guided_explicit": _make_step(model, optimizer, loss_fn, guided, data, True, device),
     }
-    times: dict[str, list[tuple[float, float, float]]] = {k: [] for k in variants}
+    times: dict[str, list[tuple[float, float, float, float]]] = {k: [] for k in variants}
     for _ in range(warmup):
         for fn in variants.values():
             fn()
@@ -208,10 +211,23 @@ def _bench_steps(size: str, batch: int, image_size: int, steps: int, warmup: int
     return times, comp
 
 
-def _med(xs: list[tuple[float, float, float]], part: int | None = None) -> float:
+def _med(xs: list[tuple[float, float, float, float]], part: int | None = None) -> float:
     if part is None:
-        return statistics.median(sum(x) for x in xs)
+        return statistics.median(sum(x[:3]) for x in xs)
     return statistics.median(x[part] for x in xs)
+
+
+def _spread(xs: list[tuple[float, float, float, float]]) -> str:
+    totals = [sum(x[:3]) for x in xs]
+    return f"{1000 * min(totals):.1f}–{1000 * max(totals):.1f}"
+
+
+def _utilisation(times: dict, threads: int) -> float:
+    """Process CPU time / (wall time x threads) over all timed steps: well below 1 means the
+    benchmark was starved (other processes on the cores), so its timings are noisy."""
+    cpu = sum(x[3] for xs in times.values() for x in xs)
+    wall = sum(sum(x[:3]) for xs in times.values() for x in xs)
+    return cpu / max(wall * threads, 1e-12)
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,12 +329,14 @@ def main(
     threads = torch.get_num_threads()
     print(f"torch {torch.__version__}, {threads} intra-op threads, device {dev}, {_machine(dev)}", file=sys.stderr)
 
+    load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     t0 = time.perf_counter()
     times, comp = _bench_steps(size, int(batch), int(image_size), int(steps), int(warmup), dev, int(seed))
     t_steps = time.perf_counter() - t0
     t0 = time.perf_counter()
     data = _bench_data(int(data_cases), shape, int(image_size), int(data_epochs), bool(compress), int(seed))
     t_data = time.perf_counter() - t0
+    load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
     ms = lambda s: f"{1000 * s:.1f} ms"  # noqa: E731
     p, g = _med(times["plain"]), _med(times["guided"])
@@ -328,13 +346,14 @@ def main(
     cfg = f"{SIZE_NAMES[size]}, batch {batch} ({max(1, batch // 2)} positive), {image_size}²"
     rows = [
         (f"**guided / plain step** ({cfg})", f"**{g / p:.2f}x**"),
-        ("plain step (fused SDPA attention in every block)", ms(p)),
-        ("guided step (EAFEM β 0.85 + KL k51, λ 1000; explicit attention in the last block only)", ms(g)),
+        ("plain step (fused SDPA attention in every block), median (min–max)", f"{ms(p)} ({_spread(times['plain'])})"),
+        ("guided step (EAFEM β 0.85 + KL k51, λ 1000; explicit attention in the last block only)",
+         f"{ms(g)} ({_spread(times['guided'])})"),
         ("  forward+loss: plain / guided (ratio)", f"{ms(pf)} / {ms(gf)} ({gf / pf:.2f}x)"),
         ("  backward: plain / guided (ratio)", f"{ms(pb)} / {ms(gb)} ({gb / pb:.2f}x)"),
         ("  optimizer step: plain / guided", f"{ms(_med(times['plain'], 2))} / {ms(_med(times['guided'], 2))}"),
-        ("plain step, explicit attention in every block", ms(pe)),
-        ("guided step, explicit attention in every block", ms(ge)),
+        ("plain step, explicit attention in every block", f"{ms(pe)} ({_spread(times['plain_explicit'])})"),
+        ("guided step, explicit attention in every block", f"{ms(ge)} ({_spread(times['guided_explicit'])})"),
         ("guided (explicit everywhere) / plain (explicit everywhere)", f"{ge / pe:.2f}x"),
         ("guided (explicit everywhere) / plain (fused)", f"{ge / p:.2f}x"),
         ("fused-attention speed-up of the plain step (explicit / fused)", f"{pe / p:.2f}x"),
@@ -358,7 +377,9 @@ def main(
         f"Medians of {steps} interleaved steps per variant after {warmup} warm-up rounds; data: median of "
         f"{max(1, data_epochs)} interleaved epochs. Machine: {_machine(dev)}; device {dev}; "
         f"torch {torch.__version__}, {threads} threads (torch default); Python {platform.python_version()}. "
-        f"Wall time: steps {t_steps:.0f} s, data {t_data:.0f} s.",
+        f"Wall time: steps {t_steps:.0f} s, data {t_data:.0f} s. CPU utilisation during the timed steps "
+        f"{_utilisation(times, threads):.0%} of {threads} threads (well below 100 % = other processes competed "
+        f"for the cores and the timings are noisy); 1-min load average {load0:.2f} before, {load1:.2f} after.",
     ]
     table = "\n".join(lines) + "\n"
     print(table)
