@@ -143,7 +143,23 @@ def _make_step(model, optimizer, loss_fn, iteration: GuidedIteration, batch, exp
     return step
 
 
-def _bench_steps(size: str, batch: int, image_size: int, steps: int, warmup: int, device: torch.device, seed: int):
+def _competing_methods(model: AttributionViT, grid: int) -> dict[str, GuidedIteration]:
+    """The competing guidance methods of specs/lgmvit.md §8.1 with their BraTS weights (GAE-based)."""
+    from custom_components.explain import GAE
+    from custom_components.guidance import GradMaskLoss, RESLoss, RobustViTLoss
+
+    gae_full = GAE(model, upsample="bilinear", normalize="minmax")
+    gae_grid = GAE(model, upsample="none", normalize="minmax")
+    return {
+        "gradmask": GuidedIteration(gae_full, GradMaskLoss(KERNEL), weight=0.1),
+        "robustvit": GuidedIteration(gae_full, RobustViTLoss(), weight=50.0),
+        "res_g": GuidedIteration(gae_grid, RESLoss(imputation="gaussian", grid=grid), weight=0.1),
+        "res_l": GuidedIteration(gae_grid, RESLoss(imputation="learned", grid=grid), weight=0.1),
+    }
+
+
+def _bench_steps(size: str, batch: int, image_size: int, steps: int, warmup: int, device: torch.device, seed: int,
+                 methods: bool = True):  # fmt: skip
     torch.manual_seed(seed)
     model = AttributionViT(img_size=image_size, **SIZES[size]).to(device)
     model.train()
@@ -165,6 +181,9 @@ def _bench_steps(size: str, batch: int, image_size: int, steps: int, warmup: int
         "plain_explicit": _make_step(model, optimizer, loss_fn, plain, data, True, device),
         "guided_explicit": _make_step(model, optimizer, loss_fn, guided, data, True, device),
     }
+    if methods:
+        for name, iteration in _competing_methods(model, image_size // SIZES[size]["patch_size"]).items():
+            variants[f"method_{name}"] = _make_step(model, optimizer, loss_fn, iteration, data, False, device)
     times: dict[str, list[tuple[float, float, float, float]]] = {k: [] for k in variants}
     for _ in range(warmup):
         for fn in variants.values():
@@ -316,8 +335,9 @@ def main(
     out: str | None = None,
     device: str = "cpu",
     seed: int = 0,
+    methods: bool = True,
 ) -> None:
-    """Run both benchmarks and print (and optionally write) a Markdown table."""
+    """Run the step and data benchmarks (with the competing methods unless --methods False); print a Markdown table."""
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
     if batch < 2:
@@ -331,7 +351,7 @@ def main(
 
     load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     t0 = time.perf_counter()
-    times, comp = _bench_steps(size, int(batch), int(image_size), int(steps), int(warmup), dev, int(seed))
+    times, comp = _bench_steps(size, int(batch), int(image_size), int(steps), int(warmup), dev, int(seed), bool(methods))
     t_steps = time.perf_counter() - t0
     t0 = time.perf_counter()
     data = _bench_data(int(data_cases), shape, int(image_size), int(data_epochs), bool(compress), int(seed))
@@ -359,6 +379,11 @@ def main(
         ("fused-attention speed-up of the plain step (explicit / fused)", f"{pe / p:.2f}x"),
         (f"  guidance parts alone: blur k51 of {max(1, batch // 2)} masks (no grad)", ms(comp["blur"])),
         ("  guidance parts alone: EAFEM map + KL, forward+backward", ms(comp["map_kl"])),
+        *[
+            (f"**{name[len('method_'):]} / baseline step** (GAE relevance, gradients without create_graph)",
+             f"**{_med(times[name]) / p:.2f}x** ({ms(_med(times[name]))})")
+            for name in times if name.startswith("method_")
+        ],
         (f"**store / NIfTI data throughput** ({data['n_slices']} slices, {data_cases} cases "
          f"{'x'.join(map(str, shape))} → {image_size}², .nii{'.gz' if compress else ''})",
          f"**{data['nifti_s'] / data['store_s']:.1f}x**"),
