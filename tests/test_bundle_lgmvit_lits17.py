@@ -63,3 +63,12 @@ def test_verify_metadata_and_net_in_out():
     run([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", "configs/metadata.json", "--filepath", str(SCHEMA)], cwd=BUNDLE)
     run([sys.executable, "-m", "monai.bundle", "verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json",
          "--config_file", "configs/train.json", "--device", "cpu"], cwd=BUNDLE)  # fmt: skip
+
+
+def test_competing_method_configs_merge_and_train(tmp_path, twin):
+    # RES-L is the most involved override (learned imputation net in the optimizer and checkpoint)
+    run(bundle_cmd("training", tmp_path, twin, "configs/methods/res_l.json", args=["--num_epochs", "1"]), cwd=BUNDLE)
+    last = load_checkpoint(tmp_path / "models" / "last.pt")
+    assert any(k.startswith("imputer.") for k in last["guidance"]), sorted(last["guidance"])
+    methods = sorted(p.stem for p in (BUNDLE / "configs" / "methods").glob("*.json"))
+    assert methods == ["baseline", "gradmask", "lgmvit", "res_g", "res_l", "robustvit"]
