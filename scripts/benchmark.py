@@ -43,6 +43,7 @@ import torch.nn as nn
 from custom_components.data.brats20 import NiftiScanReader, find_cases, prepare_brats20
 from custom_components.data.slice_store import SliceDataset
 from custom_components.data.synthetic import write_brats20_twin
+from custom_components.cli import parse_ints
 from custom_components.engines.guided import GuidedIteration
 from custom_components.explain.eafem import EAFEM
 from custom_components.guidance.blur import gaussian_blur
@@ -57,15 +58,6 @@ SIZES = {
 }
 SIZE_NAMES = {"base": "ViT-B/16", "tiny": "ViT-tiny/16 (4 blocks, D=192)"}
 BETA, KERNEL, WEIGHT = 0.85, 51, 1000.0  # BraTS20 settings (spec sections 3-4)
-
-
-def _ints(value: int | str | Sequence[int]) -> tuple[int, ...]:
-    """Accept ``240,240,155`` as fire passes it (a tuple) or as a string."""
-    if isinstance(value, str):
-        value = [v for v in value.replace("x", ",").split(",") if v.strip()]
-    elif isinstance(value, int):
-        value = [value]
-    return tuple(int(v) for v in value)
 
 
 def _sync(device: torch.device) -> None:
@@ -345,7 +337,7 @@ def main(
     if steps < 1 or warmup < 0:
         raise ValueError("steps must be >= 1 and warmup >= 0")
     dev = torch.device(device)
-    shape = _ints(data_shape)
+    shape = parse_ints(data_shape)
     threads = torch.get_num_threads()
     print(f"torch {torch.__version__}, {threads} intra-op threads, device {dev}, {_machine(dev)}", file=sys.stderr)
 

@@ -17,10 +17,9 @@ import json
 import sys
 from pathlib import Path
 
-import fire
-
 from custom_components.data.brats20 import prepare_brats20
 from custom_components.data.datalists import split_to_datalist as _split_to_datalist
+from custom_components.cli import parse_names, run_commands
 from custom_components.io import InputDataError, atomic_save_json
 
 
@@ -35,8 +34,7 @@ def prepare(
     progress: bool = True,
 ) -> str:
     """Prepare the slice store in ``output_dir``; print and return the datalist path."""
-    if isinstance(cases, str):
-        cases = [c.strip() for c in cases.split(",") if c.strip()]
+    cases = parse_names(cases)
     path = prepare_brats20(dataset_dir, output_dir, split=split, image_size=image_size, dtype=dtype,
                            cases=cases, overwrite=overwrite, progress=progress)
     print(f"datalist: {path}")
@@ -57,14 +55,7 @@ def split_to_datalist(split_json: str, out: str = "data_lists/brats20.json") -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        # serialize=lambda: None keeps fire from echoing the return value
-        fire.Fire({"prepare": prepare, "split_to_datalist": split_to_datalist}, command=argv,
-                  serialize=lambda _: None)
-    except InputDataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_commands({"prepare": prepare, "split_to_datalist": split_to_datalist}, argv)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import nibabel as nib
 import numpy as np
@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from custom_components.data.datalists import load_split
-from custom_components.io import InputDataError, atomic_save_json, atomic_write
+from custom_components.data.store import prepare_store, write_case
+from custom_components.io import InputDataError
 
 __all__ = [
     "MODALITIES",
@@ -206,38 +207,18 @@ def _meta_ok(meta_path: Path, image_size: int, dtype: str) -> dict | None:
     return meta if ok else None
 
 
-def _clean_tmp(case_out: Path) -> None:
-    # temp files left by a killed run (atomic_write cleans up only on normal exits)
-    for p in case_out.glob(".*.tmp"):
-        p.unlink(missing_ok=True)
-
-
 def _prepare_one(case_dir: Path, case_out: Path, image_size: int, dtype: str) -> dict:
-    case = case_dir.name
     image, mask, labels, sources = _load_case(case_dir, image_size)
-    case_out.mkdir(parents=True, exist_ok=True)
-    _clean_tmp(case_out)
-    # the marker goes first, so a crash while rewriting never leaves a stale "complete" case
-    (case_out / "meta.json").unlink(missing_ok=True)
-    with atomic_write(case_out / "image.npy", suffix=".npy") as tmp:
-        np.save(tmp, image.astype(dtype, copy=False))
-    with atomic_write(case_out / "mask.npy", suffix=".npy") as tmp:
-        np.save(tmp, mask)
     meta = {
         "format_version": FORMAT_VERSION,
-        "case": case,
+        "case": case_dir.name,
         "n_slices": int(image.shape[0]),
         "image_size": image_size,
         "dtype": dtype,
         "labels": [int(v) for v in labels],
         "sources": sources,
     }
-    atomic_save_json(meta, case_out / "meta.json")
-    return meta
-
-
-def _short(ids: Sequence[str], n: int = 5) -> str:
-    return ", ".join(ids[:n]) + (" ..." if len(ids) > n else "")
+    return write_case(case_out, image.astype(dtype, copy=False), mask, meta)
 
 
 def prepare_brats20(
@@ -257,68 +238,25 @@ def prepare_brats20(
     ``split=None`` every case goes there). Resumable: a case whose ``meta.json`` matches
     ``image_size``/``dtype`` is skipped unless ``overwrite``. Returns the datalist path.
     """
-    from tqdm.auto import tqdm
-
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
     image_size = int(image_size)
     if image_size < 1:
         raise ValueError(f"image_size must be positive, got {image_size}")
     found = find_cases(dataset_dir)
-    splits = load_split(split) if split is not None else {}
-    split_of = {case: key for key, ids in splits.items() for case in ids}
-
-    if cases is not None:
-        wanted = list(dict.fromkeys([cases] if isinstance(cases, str) else cases))
-        missing = [c for c in wanted if c not in found]
-        if missing:
-            raise InputDataError(dataset_dir, f"requested cases not found: {_short(missing)}")
-    elif split is None:
-        wanted = list(found)
-    else:
-        wanted = [c for ids in splits.values() for c in ids if c in found]
-        missing = [c for ids in splits.values() for c in ids if c not in found]
-        if missing:
-            print(
-                f"note: {len(missing)} of {len(split_of)} split cases are not in {dataset_dir} "
-                f"(skipped): {_short(missing)}"
-            )
-        extra = [c for c in found if c not in split_of]
-        if extra:
-            print(f"note: {len(extra)} cases in {dataset_dir} are not in split {split!s} (ignored): {_short(extra)}")
-
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    metas: dict[str, dict] = {}
-    n_skipped = 0
-    for case in tqdm(wanted, desc="prepare BraTS2020", unit="case", disable=not progress):
-        case_out = out / case
-        meta = None if overwrite else _meta_ok(case_out / "meta.json", image_size, dtype)
-        if meta is None:
-            meta = _prepare_one(found[case], case_out, image_size, dtype)
-        else:
-            n_skipped += 1
-        metas[case] = meta
-    if n_skipped:
-        print(f"note: {n_skipped} cases were already prepared (skipped; use overwrite=True to redo)")
-
-    datalist: dict[str, list[dict]] = {k: [] for k in splits}
-    ordered = [c for k in splits for c in splits[k] if c in metas] + [c for c in wanted if c not in split_of]
-    for case in ordered:
-        key = split_of.get(case, "unsplit")
-        meta = metas[case]
-        datalist.setdefault(key, []).append(
-            {
-                "case": case,
-                "image": f"{case}/image.npy",
-                "mask": f"{case}/mask.npy",
-                "n_slices": meta["n_slices"],
-                "n_positive": int(sum(meta["labels"])),
-            }
-        )
-    if not any(datalist.values()):
-        raise InputDataError(dataset_dir, f"empty datalist: no case of split {split!s} was found to prepare")
-    return atomic_save_json(datalist, out / "datalist.json")
+    return prepare_store(
+        dataset_dir,
+        output_dir,
+        found=found,
+        splits=load_split(split) if split is not None else {},
+        split_name=None if split is None else str(split),
+        cases=cases,
+        prepare_case=lambda case, case_out: _prepare_one(found[case], case_out, image_size, dtype),
+        prepared_meta=lambda case_out: _meta_ok(case_out / "meta.json", image_size, dtype),
+        overwrite=overwrite,
+        progress=progress,
+        desc="prepare BraTS2020",
+    )
 
 
 class NiftiScanReader:

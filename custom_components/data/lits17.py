@@ -34,10 +34,10 @@ Layouts accepted by :func:`find_volumes` (files ``.nii`` or ``.nii.gz``):
 A segmentation is looked up in the volume's own folder, then in ``segmentations/``, then in
 ``<dataset_dir>``.
 
-Reused from ``brats20.py`` (imported, not copied): ``_open`` / ``_read`` (NIfTI opening and
-reading with case+file errors), ``_minmax_slices`` (per-slice min-max), ``_meta_ok`` (resumability
-check, extended here by ``target`` / ``hu_window``), ``_clean_tmp``, ``_short``, ``FORMAT_VERSION``
-and ``_DTYPES``.
+Reused from ``brats20.py``: ``_open`` / ``_read`` (NIfTI opening and reading with case+file
+errors), ``_minmax_slices`` (per-slice min-max), ``_meta_ok`` (resumability check, extended here by
+``target`` / ``hu_window``), ``FORMAT_VERSION`` and ``_DTYPES``; case selection, atomic case writing
+and the datalist come from :mod:`custom_components.data.store`.
 """
 
 from __future__ import annotations
@@ -54,15 +54,14 @@ import torch.nn.functional as F
 from custom_components.data.brats20 import (
     _DTYPES,
     FORMAT_VERSION,
-    _clean_tmp,
     _meta_ok,
     _minmax_slices,
     _open,
     _read,
-    _short,
 )
 from custom_components.data.datalists import load_split
-from custom_components.io import InputDataError, atomic_save_json, atomic_write
+from custom_components.data.store import prepare_store, write_case
+from custom_components.io import InputDataError
 
 __all__ = [
     "SEG_LABELS",
@@ -283,14 +282,6 @@ def _prepare_one(
     window: tuple[float, float] | None, dtype: str,
 ) -> dict:
     image, mask, labels = _load(files.volume, files.seg, image_size, target, window, dtype)
-    case_out.mkdir(parents=True, exist_ok=True)
-    _clean_tmp(case_out)
-    # the marker goes first, so a crash while rewriting never leaves a stale "complete" case
-    (case_out / "meta.json").unlink(missing_ok=True)
-    with atomic_write(case_out / "image.npy", suffix=".npy") as tmp:
-        np.save(tmp, image)
-    with atomic_write(case_out / "mask.npy", suffix=".npy") as tmp:
-        np.save(tmp, mask)
     meta = {
         "format_version": FORMAT_VERSION,
         "dataset": "lits17",
@@ -303,8 +294,7 @@ def _prepare_one(
         "labels": [int(v) for v in labels],
         "sources": {"volume": files.volume.name, "seg": files.seg.name},
     }
-    atomic_save_json(meta, case_out / "meta.json")
-    return meta
+    return write_case(case_out, image, mask, meta)
 
 
 def prepare_lits17(
@@ -328,8 +318,6 @@ def prepare_lits17(
     Resumable: a case whose ``meta.json`` matches ``image_size``/``dtype``/``target``/``hu_window``
     is skipped unless ``overwrite``. Returns the datalist path.
     """
-    from tqdm.auto import tqdm
-
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
     image_size = int(image_size)
@@ -339,60 +327,25 @@ def prepare_lits17(
     window = _parse_window(hu_window)
     found = find_volumes(dataset_dir)
     splits = {k: [case_id(c) for c in ids] for k, ids in load_split(split).items()} if split is not None else {}
-    split_of = {case: key for key, ids in splits.items() for case in ids}
-
     if cases is not None:
-        wanted = list(dict.fromkeys(case_id(c) for c in ([cases] if isinstance(cases, str) else cases)))
-        missing = [c for c in wanted if c not in found]
-        if missing:
-            raise InputDataError(dataset_dir, f"requested cases not found: {_short(missing)}")
-    elif split is None:
-        wanted = list(found)
-    else:
-        wanted = [c for ids in splits.values() for c in ids if c in found]
-        missing = [c for ids in splits.values() for c in ids if c not in found]
-        if missing:
-            print(
-                f"note: {len(missing)} of {len(split_of)} split cases are not in {dataset_dir} "
-                f"(skipped): {_short(missing)}"
-            )
-        extra = [c for c in found if c not in split_of]
-        if extra:
-            print(f"note: {len(extra)} cases in {dataset_dir} are not in split {split!s} (ignored): {_short(extra)}")
+        cases = [case_id(c) for c in ([cases] if isinstance(cases, str) else cases)]
 
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    metas: dict[str, dict] = {}
-    n_skipped = 0
-    for case in tqdm(wanted, desc="prepare LiTS17", unit="case", disable=not progress):
-        case_out = out / case
-        meta = None
-        if not overwrite:
-            meta = _settings_ok(_meta_ok(case_out / "meta.json", image_size, dtype), target, window)
-        if meta is None:
-            files = found[case]
-            if files.seg is None:
-                files = LiTSFiles(files.volume, _seg_expected(Path(dataset_dir), files))
-            meta = _prepare_one(case, files, case_out, image_size, target, window, dtype)
-        else:
-            n_skipped += 1
-        metas[case] = meta
-    if n_skipped:
-        print(f"note: {n_skipped} cases were already prepared (skipped; use overwrite=True to redo)")
+    def prepare_case(case: str, case_out: Path) -> dict:
+        files = found[case]
+        if files.seg is None:
+            files = LiTSFiles(files.volume, _seg_expected(Path(dataset_dir), files))
+        return _prepare_one(case, files, case_out, image_size, target, window, dtype)
 
-    datalist: dict[str, list[dict]] = {k: [] for k in splits}
-    ordered = [c for k in splits for c in splits[k] if c in metas] + [c for c in wanted if c not in split_of]
-    for case in ordered:
-        meta = metas[case]
-        datalist.setdefault(split_of.get(case, "unsplit"), []).append(
-            {
-                "case": case,
-                "image": f"{case}/image.npy",
-                "mask": f"{case}/mask.npy",
-                "n_slices": meta["n_slices"],
-                "n_positive": int(sum(meta["labels"])),
-            }
-        )
-    if not any(datalist.values()):
-        raise InputDataError(dataset_dir, f"empty datalist: no case of split {split!s} was found to prepare")
-    return atomic_save_json(datalist, out / "datalist.json")
+    return prepare_store(
+        dataset_dir,
+        output_dir,
+        found=found,
+        splits=splits,
+        split_name=None if split is None else str(split),
+        cases=cases,
+        prepare_case=prepare_case,
+        prepared_meta=lambda case_out: _settings_ok(_meta_ok(case_out / "meta.json", image_size, dtype), target, window),
+        overwrite=overwrite,
+        progress=progress,
+        desc="prepare LiTS17",
+    )
