@@ -1,7 +1,10 @@
+from .attention import AttentionRollout, RawAttention, attention_rollout
 from .base import Explainer, resize_maps
 from .eafem import EAFEM, eafem_map
 from .gae import GAE, gae_relevance, minmax_per_sample, target_scalar
+from .gradcam import GradCAMCapture, ViTGradCAM
 from .input_gradient import InputCapture, InputGradient
+from .lrp import LRPCapture, TransformerAttribution
 
 __all__ = [
     "Explainer",
@@ -14,4 +17,11 @@ __all__ = [
     "target_scalar",
     "InputGradient",
     "InputCapture",
+    "RawAttention",
+    "AttentionRollout",
+    "attention_rollout",
+    "TransformerAttribution",
+    "LRPCapture",
+    "ViTGradCAM",
+    "GradCAMCapture",
 ]

@@ -7,13 +7,26 @@
   labels connected components and encloses them all; that rectangle is the bounding box of the
   foreground, computed here directly.)
 Only slices whose mask is non-empty are scored.
+
+Also (separate public functions, not part of :func:`map_quality`):
+- Energy pointing game (Wang et al., "Score-CAM", CVPR-W 2020): the fraction of the map's
+  non-negative mass that lies inside the mask.
+- Deletion / insertion AUC (Petsiuk et al., "RISE", BMVC 2018): the most relevant pixels are
+  deleted from the image (replaced by a baseline) or inserted into the baseline in ``steps`` equal
+  fractions; the target probability is integrated by the trapezoid rule over the fraction axis.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["pointing_game_hits", "topk_box_iou", "map_quality"]
+__all__ = [
+    "pointing_game_hits",
+    "topk_box_iou",
+    "map_quality",
+    "energy_pointing_game",
+    "deletion_insertion_auc",
+]
 
 
 def _check(maps: torch.Tensor, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,3 +78,96 @@ def map_quality(maps: torch.Tensor, masks: torch.Tensor, ks: tuple[float, ...] =
     for k in ks:
         out[f"iou_top{k:g}"] = topk_box_iou(maps, masks_b, k).tolist()
     return out
+
+
+def energy_pointing_game(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Per-sample (B,) fraction of ``sum(max(map, 0))`` inside the mask; 0 for a map without mass."""
+    maps, masks = _check(maps, masks)
+    pos = maps.clamp(min=0).flatten(1)
+    total = pos.sum(dim=1)
+    inside = (pos * masks.flatten(1)).sum(dim=1)
+    return torch.where(total > 0, inside / total.clamp_min(torch.finfo(pos.dtype).tiny), torch.zeros_like(total))
+
+
+def _target_probability(output: torch.Tensor, target: torch.Tensor, activation: str) -> torch.Tensor:
+    out = output.reshape(output.shape[0], -1).float()
+    if activation == "auto":
+        activation = "sigmoid" if out.shape[1] == 1 else "softmax"
+    if activation == "sigmoid":
+        prob = out.sigmoid()
+    elif activation == "softmax":
+        prob = out.softmax(dim=1)
+    elif activation == "none":
+        prob = out
+    else:
+        raise ValueError(f"activation must be auto, sigmoid, softmax or none, got {activation!r}")
+    if prob.shape[1] == 1:
+        return prob[:, 0]
+    return prob.gather(1, target.view(-1, 1).to(prob.device)).squeeze(1)
+
+
+@torch.no_grad()
+def deletion_insertion_auc(
+    model,
+    images: torch.Tensor,
+    maps: torch.Tensor,
+    target: torch.Tensor | int | None = None,
+    steps: int = 10,
+    baseline: float | torch.Tensor = 0.0,
+    mode: str = "deletion",
+    activation: str = "auto",
+    return_curves: bool = False,
+):
+    """Deletion (or insertion) AUC per sample, batched.
+
+    Args:
+        model: maps (B, C, H, W) images to logits (B,), (B, 1) or (B, K).
+        images: (B, C, H, W). maps: (B, h, w) relevance (resized bilinearly to H x W if needed).
+        target: class per sample (B,) or an int; ``None``: the prediction on ``images``. Ignored
+            for a single-output model (its probability is used).
+        steps: the fraction f = i / steps, i = 0 .. steps, of the most relevant pixels (all
+            channels of a pixel together; ties broken by position) is deleted / inserted.
+        baseline: value (or tensor broadcastable to ``images``) of deleted pixels / the start image
+            of insertion.
+        mode: ``"deletion"`` (image -> baseline; lower AUC is better) or ``"insertion"``
+            (baseline -> image; higher is better).
+        activation: ``"auto"`` (sigmoid for one output, softmax otherwise), ``"sigmoid"``,
+            ``"softmax"`` or ``"none"`` (the model already outputs probabilities).
+        return_curves: also return the (B, steps + 1) probability curves.
+    Returns (B,) AUC by the trapezoid rule over f in [0, 1] (and the curves if asked).
+    """
+    if mode not in ("deletion", "insertion"):
+        raise ValueError(f"mode must be 'deletion' or 'insertion', got {mode!r}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if images.dim() != 4:
+        raise ValueError(f"images must be (B, C, H, W), got {list(images.shape)}")
+    b, _, h, w = images.shape
+    if maps.dim() == 4:
+        maps = maps[:, 0]
+    maps = maps.float()
+    if tuple(maps.shape[-2:]) != (h, w):
+        maps = torch.nn.functional.interpolate(maps.unsqueeze(1), size=(h, w), mode="bilinear", align_corners=False)[:, 0]
+    base = torch.as_tensor(baseline, dtype=images.dtype, device=images.device).expand_as(images)
+    if target is None:
+        out = model(images).reshape(b, -1)
+        target = out.argmax(dim=1) if out.shape[1] > 1 else torch.zeros(b, dtype=torch.long, device=images.device)
+    elif isinstance(target, int):
+        target = torch.full((b,), target, dtype=torch.long, device=images.device)
+    else:
+        target = torch.as_tensor(target, device=images.device).reshape(b, -1)[:, 0].long()
+    order = maps.reshape(b, -1).argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(h * w, device=order.device).expand(b, -1))
+    rank = rank.view(b, 1, h, w)
+    curve = []
+    for i in range(steps + 1):
+        k = int(round(h * w * i / steps))
+        chosen = rank < k  # the k most relevant pixels
+        if mode == "deletion":
+            x = torch.where(chosen, base, images)
+        else:
+            x = torch.where(chosen, images, base)
+        curve.append(_target_probability(model(x), target, activation))
+    curves = torch.stack(curve, dim=1)
+    auc = ((curves[:, 1:] + curves[:, :-1]) / 2).sum(dim=1) / steps
+    return (auc, curves) if return_curves else auc
