@@ -7,6 +7,10 @@ Commands (one per dataset; add e.g. ``lits17`` as another function in ``COMMANDS
         [--n_per_split 3,2,2] [--case_ids ID1,ID2]
     python scripts/make_synthetic.py lits17 --output_dir D [--shape 512,512,75] [--seed 0] [--compress False]
         [--n_per_split 3,2,2] [--case_ids volume-0,volume-1]
+    python scripts/make_synthetic.py medmnist2d --output D/breastmnist.npz [--name breastmnist] [--n 60,20,20]
+        [--size 28] [--seed 0]
+    python scripts/make_synthetic.py medmnist3d --output D/organmnist3d.npz [--name organmnist3d] [--n 24,12,12]
+        [--size 28] [--seed 0]
 """
 
 from __future__ import annotations
@@ -66,7 +70,37 @@ def lits17(
     return str(root)
 
 
-COMMANDS = {"brats20": brats20, "lits17": lits17}
+def medmnist2d(
+    output: str,
+    name: str = "breastmnist",
+    n: str | Sequence[int] = (60, 20, 20),
+    size: int = 28,
+    seed: int = 0,
+) -> str:
+    """MedMNIST-2D twin: one ``.npz`` with ``{train,val,test}_{images,labels}`` in the official layout."""
+    from custom_components.data.synthetic import write_medmnist2d_twin
+
+    path = write_medmnist2d_twin(output, name=str(name), n=_ints(n), size=int(size), seed=int(seed))
+    print(path)
+    return str(path)
+
+
+def medmnist3d(
+    output: str,
+    name: str = "organmnist3d",
+    n: str | Sequence[int] = (24, 12, 12),
+    size: int = 28,
+    seed: int = 0,
+) -> str:
+    """MedMNIST-3D twin: one ``.npz`` with (N, size, size, size) uint8 images and (N, 1) labels."""
+    from custom_components.data.synthetic import write_medmnist3d_twin
+
+    path = write_medmnist3d_twin(output, name=str(name), n=_ints(n), size=int(size), seed=int(seed))
+    print(path)
+    return str(path)
+
+
+COMMANDS = {"brats20": brats20, "lits17": lits17, "medmnist2d": medmnist2d, "medmnist3d": medmnist3d}
 
 
 def main(argv: list[str] | None = None) -> int:

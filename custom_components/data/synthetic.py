@@ -265,3 +265,89 @@ def write_lits17_twin(
         nib.save(_nifti(ct, affine), root / "scans" / f"volume-{n}{ext}")
         nib.save(_nifti(seg, affine), root / "segmentations" / f"segmentation-{n}{ext}")
     return root
+
+
+# --------------------------------------------------------------------------------------------
+# MedMNIST (2-D and 3-D) format twins
+# --------------------------------------------------------------------------------------------
+
+
+def _medmnist_labels(rng: np.random.Generator, task: str, n_classes: int, n: int) -> np.ndarray:
+    """(n, 1) class indices covering every class when n >= n_classes, or (n, C) 0/1 for multi-label."""
+    if task == "multi-label":
+        labels = (rng.random((n, n_classes)) < 0.3).astype(np.uint8)
+        for c in range(min(n_classes, n)):  # every label positive at least once, negative at least once
+            labels[c, c] = 1
+            if n > 1:
+                labels[(c + 1) % n, c] = 0
+        return labels
+    labels = np.resize(np.arange(n_classes), n)
+    rng.shuffle(labels)
+    return labels.astype(np.uint8)[:, None]
+
+
+def _medmnist_images(rng: np.random.Generator, labels: np.ndarray, shape: tuple[int, ...], n_classes: int,
+                     channels: int) -> np.ndarray:
+    """uint8 images whose blob brightness and radius depend on the (first positive) label, plus noise."""
+    grids = np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij")
+    out = np.empty((labels.shape[0], *shape, channels), dtype=np.uint8)
+    for i, lab in enumerate(labels):
+        k = int(lab[0]) if lab.size == 1 else int(np.argmax(lab)) if lab.any() else 0
+        frac = (k + 1) / (n_classes + 1)
+        centre = rng.uniform(-0.3, 0.3, size=len(shape))
+        r2 = sum((g - c) ** 2 for g, c in zip(grids, centre))
+        radius = 0.25 + 0.4 * frac
+        blob = np.exp(-r2 / (2 * radius**2))
+        base = 40 + 160 * frac * blob + rng.normal(0, 12, size=shape)
+        for ch in range(channels):
+            out[i, ..., ch] = np.clip(base * (1.0 - 0.15 * ch) + 10 * ch, 0, 255).astype(np.uint8)
+    return out[..., 0] if channels == 1 else out
+
+
+def _write_medmnist_twin(path: str | os.PathLike, name: str, n: Sequence[int], size: int, seed: int, dim: int) -> Path:
+    from custom_components.data.medmnist import MEDMNIST_INFO
+    from custom_components.io import atomic_write
+
+    key = name.lower()
+    if key not in MEDMNIST_INFO or MEDMNIST_INFO[key]["dim"] != dim:
+        names = sorted(k for k, v in MEDMNIST_INFO.items() if v["dim"] == dim)
+        raise ValueError(f"unknown {dim}-D MedMNIST dataset {name!r}; expected one of {names}")
+    n = tuple(int(v) for v in n)
+    if len(n) != 3 or min(n) < 1 or int(size) < 4:
+        raise ValueError(f"n must be 3 positive split sizes and size >= 4, got {n}, {size}")
+    info = MEDMNIST_INFO[key]
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, count in zip(("train", "val", "test"), n):
+        labels = _medmnist_labels(rng, info["task"], info["n_classes"], count)
+        arrays[f"{split}_images"] = _medmnist_images(rng, labels, (int(size),) * dim, info["n_classes"], info["n_channels"])
+        arrays[f"{split}_labels"] = labels
+    path = Path(path)
+    with atomic_write(path, suffix=".npz") as tmp:
+        np.savez_compressed(tmp, **arrays)
+    return path
+
+
+def write_medmnist2d_twin(path: str | os.PathLike, name: str = "breastmnist", n: Sequence[int] = (60, 20, 20),
+                          size: int = 28, seed: int = 0) -> Path:
+    """Write a MedMNIST-2D twin ``.npz`` at ``path`` with the official keys, dtypes and shapes.
+
+    ``{train,val,test}_images`` uint8 (N, size, size) for grey datasets or (N, size, size, 3) for
+    RGB ones; ``{train,val,test}_labels`` uint8 (N, 1), or (N, 14) 0/1 for ChestMNIST. Every class
+    occurs in a split with at least as many samples as classes; the blob brightness and radius
+    depend on the label, so a classifier can learn it. Deterministic from ``seed``. Returns ``path``.
+    """
+    return _write_medmnist_twin(path, name, n, size, seed, dim=2)
+
+
+def write_medmnist3d_twin(path: str | os.PathLike, name: str = "organmnist3d", n: Sequence[int] = (24, 12, 12),
+                          size: int = 28, seed: int = 0) -> Path:
+    """Write a MedMNIST-3D twin ``.npz``: images uint8 (N, size, size, size), labels uint8 (N, 1).
+
+    Same content rule as :func:`write_medmnist2d_twin` (label-dependent 3-D blob plus noise);
+    ``size`` 28 (MedMNIST) or 64 (MedMNIST+). Returns ``path``.
+    """
+    return _write_medmnist_twin(path, name, n, size, seed, dim=3)
+
+
+__all__ += ["write_medmnist2d_twin", "write_medmnist3d_twin"]
