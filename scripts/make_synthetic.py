@@ -18,18 +18,7 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-import fire
-
-from custom_components.io import InputDataError
-
-
-def _ints(value: int | str | Sequence[int]) -> tuple[int, ...]:
-    """Accept ``48,48,20`` as fire passes it (a tuple) or as a string."""
-    if isinstance(value, str):
-        value = [v for v in value.replace("x", ",").split(",") if v.strip()]
-    elif isinstance(value, int):
-        value = [value]
-    return tuple(int(v) for v in value)
+from custom_components.cli import parse_ints, parse_names, run_commands
 
 
 def brats20(
@@ -43,10 +32,9 @@ def brats20(
     """BraTS2020 twin: ``<output_dir>/MICCAI_BraTS2020_TrainingData/<case>/<case>_<mod>.nii[.gz]``."""
     from custom_components.data.synthetic import write_brats20_twin
 
-    if isinstance(case_ids, str):
-        case_ids = [c.strip() for c in case_ids.split(",") if c.strip()]
-    root = write_brats20_twin(output_dir, case_ids=case_ids, n_per_split=_ints(n_per_split),
-                              shape=_ints(shape), seed=int(seed), compress=bool(compress))
+    case_ids = parse_names(case_ids)
+    root = write_brats20_twin(output_dir, case_ids=case_ids, n_per_split=parse_ints(n_per_split),
+                              shape=parse_ints(shape), seed=int(seed), compress=bool(compress))
     print(root)
     return str(root)
 
@@ -62,10 +50,9 @@ def lits17(
     """LiTS17 twin: ``<output_dir>/scans/volume-N.nii[.gz]`` + ``segmentations/segmentation-N.nii[.gz]``."""
     from custom_components.data.synthetic import write_lits17_twin
 
-    if isinstance(case_ids, str):
-        case_ids = [c.strip() for c in case_ids.split(",") if c.strip()]
-    root = write_lits17_twin(output_dir, case_ids=case_ids, n_per_split=_ints(n_per_split),
-                             shape=_ints(shape), seed=int(seed), compress=bool(compress))
+    case_ids = parse_names(case_ids)
+    root = write_lits17_twin(output_dir, case_ids=case_ids, n_per_split=parse_ints(n_per_split),
+                             shape=parse_ints(shape), seed=int(seed), compress=bool(compress))
     print(root)
     return str(root)
 
@@ -80,7 +67,7 @@ def medmnist2d(
     """MedMNIST-2D twin: one ``.npz`` with ``{train,val,test}_{images,labels}`` in the official layout."""
     from custom_components.data.synthetic import write_medmnist2d_twin
 
-    path = write_medmnist2d_twin(output, name=str(name), n=_ints(n), size=int(size), seed=int(seed))
+    path = write_medmnist2d_twin(output, name=str(name), n=parse_ints(n), size=int(size), seed=int(seed))
     print(path)
     return str(path)
 
@@ -95,7 +82,7 @@ def medmnist3d(
     """MedMNIST-3D twin: one ``.npz`` with (N, size, size, size) uint8 images and (N, 1) labels."""
     from custom_components.data.synthetic import write_medmnist3d_twin
 
-    path = write_medmnist3d_twin(output, name=str(name), n=_ints(n), size=int(size), seed=int(seed))
+    path = write_medmnist3d_twin(output, name=str(name), n=parse_ints(n), size=int(size), seed=int(seed))
     print(path)
     return str(path)
 
@@ -104,12 +91,7 @@ COMMANDS = {"brats20": brats20, "lits17": lits17, "medmnist2d": medmnist2d, "med
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        fire.Fire(COMMANDS, command=argv, serialize=lambda _: None)
-    except InputDataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return run_commands(COMMANDS, argv)
 
 
 if __name__ == "__main__":
