@@ -65,6 +65,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from custom_components.networks.vit import DropPath
+
 __all__ = [
     "MedViT",
     "ECB",
@@ -102,22 +104,6 @@ def make_divisible(v: float, divisor: int, min_value: int | None = None) -> int:
     if new_v < 0.9 * v:
         new_v += divisor
     return new_v
-
-
-class DropPath(nn.Module):
-    """Stochastic depth per sample (Huang et al., ECCV 2016)."""
-
-    def __init__(self, drop_prob: float = 0.0):
-        super().__init__()
-        self.drop_prob = float(drop_prob)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-        keep = 1.0 - self.drop_prob
-        shape = [x.shape[0]] + [1] * (x.dim() - 1)
-        mask = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(keep)
-        return x * mask / keep
 
 
 class HSwish(nn.Module):
