@@ -22,3 +22,18 @@ def test_write_case_removes_leftover_temp_files_and_writes_marker_last(tmp_path)
     assert names == ["image.npy", "mask.npy", "meta.json"]
     assert json.loads((case / "meta.json").read_text()) == meta
     assert np.load(case / "mask.npy").sum() == 32
+
+
+def test_truncated_store_file_gives_input_error(tmp_path):
+    import pytest
+
+    from custom_components.data.slice_store import SliceDataset
+    from custom_components.io import InputDataError
+
+    case = tmp_path / "c1"
+    write_case(case, np.zeros((2, 3, 4, 4), np.float16), np.zeros((2, 4, 4), np.uint8), {"n_slices": 2, "labels": [0, 0]})
+    data = (case / "image.npy").read_bytes()
+    (case / "image.npy").write_bytes(data[: len(data) // 3])
+    ds = SliceDataset([{"case": "c1"}], root=tmp_path)
+    with pytest.raises(InputDataError, match="c1"):
+        ds[0]

@@ -1,7 +1,7 @@
 """Slice-level dataset over a prepared store and a scan-chunk batch sampler.
 
-The store is written by ``scripts/prepare_brats20.py`` (``<root>/<case>/{image,mask}.npy`` +
-``meta.json``). LGM-ViT (spec section 6) trains on batches of *consecutive* slices of one scan
+The store is written by :mod:`custom_components.data.store` (``<root>/<case>/{image,mask}.npy`` +
+``meta.json``; ``scripts/prepare_brats20.py``, ``scripts/prepare_lits17.py``). LGM-ViT (spec section 6) trains on batches of *consecutive* slices of one scan
 (32 slices per batch); :class:`ScanChunkBatchSampler` reproduces that batching.
 """
 
@@ -80,7 +80,7 @@ class SliceDataset(Dataset):
             entry = entry if isinstance(entry, dict) else {}
             meta_path = root / case / "meta.json"
             if not meta_path.is_file():
-                raise InputDataError(meta_path, f"case {case} is not prepared; run scripts/prepare_brats20.py")
+                raise InputDataError(meta_path, f"case {case} is not prepared; run the bundle (prepare_data) or scripts/prepare_<dataset>.py")
             try:
                 meta = json.loads(meta_path.read_text())
                 n, case_labels = int(meta["n_slices"]), meta["labels"]
@@ -128,7 +128,7 @@ class SliceDataset(Dataset):
             try:
                 image = np.load(image_path, mmap_mode="r")
                 mask = np.load(mask_path, mmap_mode="r")
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError, EOFError) as e:  # missing, corrupt or truncated .npy
                 raise InputDataError(image_path.parent, f"case {self._cases[c]}: cannot open store ({e})") from e
             n = self._starts[c + 1] - self._starts[c]
             if image.ndim != 4 or image.shape[0] != n or mask.shape != (n, *image.shape[2:]):
