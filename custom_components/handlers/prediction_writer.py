@@ -61,6 +61,7 @@ class PredictionWriter:
         self.rows: list[dict] = []
         self.maps: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
         self.images: dict[str, dict[int, np.ndarray]] = defaultdict(dict)
+        self.written: set[str] = set()
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, lambda e: self.reset())
@@ -72,6 +73,7 @@ class PredictionWriter:
         self.rows.clear()
         self.maps.clear()
         self.images.clear()
+        self.written.clear()
 
     def collect(self, engine: Engine) -> None:
         out = engine.state.output
@@ -83,6 +85,18 @@ class PredictionWriter:
             self._score(out["map"].cpu(), out["mask"].cpu(), cases)
         maps = out["map"].cpu().numpy()
         shown = out["image"][:, self.display_channel].float().cpu().numpy()
+        batch_cases = {str(c) for c in cases}
+        revisited = batch_cases & self.written
+        if revisited:
+            raise RuntimeError(
+                f"scan(s) {sorted(revisited)} came back after their maps were written: inference batches must "
+                "be grouped by scan (ScanChunkBatchSampler with shuffle=False)"
+            )
+        # Batches are scan-ordered chunks, so a scan absent from this batch is complete: write it
+        # now rather than holding every map of the split in memory (GBs for a real test split).
+        if idist.get_rank() == 0:
+            for case in [c for c in self.maps if c not in batch_cases]:
+                self._write_case(case)
         for i, p in enumerate(probs.tolist()):
             case, index = str(cases[i]), int(slices[i])
             row = {"case": case, "slice": index, "probability": round(p, 6), "prediction": int(p > self.threshold)}
@@ -131,25 +145,32 @@ class PredictionWriter:
         writer.writerows(sorted(self.rows, key=lambda r: (r["case"], r["slice"])))
         atomic_write_text(buf.getvalue(), self.output_dir / "predictions.csv")
         self._write_quality()
-        probability = {(r["case"], r["slice"]): r["probability"] for r in self.rows}
-        for case, by_slice in self.maps.items():
-            order = sorted(by_slice)
-            volume = np.stack([by_slice[k] for k in order], axis=-1).astype(np.float32)  # (H, W, S)
-            path = self.output_dir / "maps" / f"{case}_{self.map_name}.nii.gz"
-            with atomic_write(path, suffix=".nii.gz") as tmp:
-                nib.save(nib.Nifti1Image(volume, np.eye(4)), str(tmp))
-            if self.save_png:
-                top = sorted(order, key=lambda k: -probability[(case, k)])[: self.png_slices]
-                self._write_png(case, sorted(top), by_slice)
+        for case in list(self.maps):
+            self._write_case(case)
 
-    def _write_png(self, case: str, slices: list[int], by_slice: dict[int, np.ndarray]) -> None:
+    def _write_case(self, case: str) -> None:
+        """Write one scan's map volume (and PNG panel), then free its arrays."""
+        by_slice = self.maps.pop(case)
+        shown = self.images.pop(case, {})
+        order = sorted(by_slice)
+        volume = np.stack([by_slice[k] for k in order], axis=-1).astype(np.float32)  # (H, W, S)
+        path = self.output_dir / "maps" / f"{case}_{self.map_name}.nii.gz"
+        with atomic_write(path, suffix=".nii.gz") as tmp:
+            nib.save(nib.Nifti1Image(volume, np.eye(4)), str(tmp))
+        if self.save_png:
+            probability = {r["slice"]: r["probability"] for r in self.rows if r["case"] == case}
+            top = sorted(order, key=lambda k: -probability[k])[: self.png_slices]
+            self._write_png(case, sorted(top), by_slice, shown)
+        self.written.add(case)
+
+    def _write_png(self, case: str, slices: list[int], by_slice: dict[int, np.ndarray], shown: dict[int, np.ndarray]) -> None:
         from PIL import Image
 
         def to_uint8(a: np.ndarray) -> np.ndarray:
             lo, hi = float(a.min()), float(a.max())
             return ((a - lo) / (hi - lo) * 255).astype(np.uint8) if hi > lo else np.zeros(a.shape, np.uint8)
 
-        top = np.concatenate([to_uint8(self.images[case][k]) for k in slices], axis=1)
+        top = np.concatenate([to_uint8(shown[k]) for k in slices], axis=1)
         bottom = np.concatenate([to_uint8(by_slice[k]) for k in slices], axis=1)
         path = self.output_dir / "maps" / f"{case}_{self.map_name}.png"
         with atomic_write(path, suffix=".png") as tmp:
