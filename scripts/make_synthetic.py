@@ -11,6 +11,10 @@ Commands (one per dataset; add e.g. ``lits17`` as another function in ``COMMANDS
         [--size 28] [--seed 0]
     python scripts/make_synthetic.py medmnist3d --output D/organmnist3d.npz [--name organmnist3d] [--n 24,12,12]
         [--size 28] [--seed 0]
+    python scripts/make_synthetic.py kvasir --output_dir D [--n_per_class 6] [--size 720,576] [--with_masks True]
+        [--seed 0]
+    python scripts/make_synthetic.py mura --output_dir D [--n_patients 8] [--body_parts XR_WRIST,XR_HAND]
+        [--size 256,320] [--with_masks True] [--seed 0]
 """
 
 from __future__ import annotations
@@ -87,7 +91,41 @@ def medmnist3d(
     return str(path)
 
 
-COMMANDS = {"brats20": brats20, "lits17": lits17, "medmnist2d": medmnist2d, "medmnist3d": medmnist3d}
+def kvasir(
+    output_dir: str,
+    n_per_class: int = 6,
+    size: str | Sequence[int] = (720, 576),
+    with_masks: bool = True,
+    seed: int = 0,
+) -> str:
+    """Kvasir v2 twin: ``<output_dir>/kvasir-dataset-v2/<class>/<uuid>.jpg`` (+ ``masks/`` PNGs)."""
+    from custom_components.data.synthetic import write_kvasir_twin
+
+    root = write_kvasir_twin(output_dir, n_per_class=int(n_per_class), size=parse_ints(size),
+                             with_masks=bool(with_masks), seed=int(seed))
+    print(root)
+    return str(root)
+
+
+def mura(
+    output_dir: str,
+    n_patients: int = 8,
+    body_parts: str | Sequence[str] = ("XR_WRIST", "XR_HAND"),
+    size: str | Sequence[int] = (256, 320),
+    with_masks: bool = True,
+    seed: int = 0,
+) -> str:
+    """MURA v1.1 twin: ``<output_dir>/MURA-v1.1/`` CSVs + PNGs (+ ``mura_boxes.json``)."""
+    from custom_components.data.synthetic import write_mura_twin
+
+    root = write_mura_twin(output_dir, n_patients=int(n_patients), body_parts=tuple(parse_names(body_parts)),
+                           size=parse_ints(size), with_masks=bool(with_masks), seed=int(seed))
+    print(root)
+    return str(root)
+
+
+COMMANDS = {"brats20": brats20, "lits17": lits17, "medmnist2d": medmnist2d, "medmnist3d": medmnist3d,
+            "kvasir": kvasir, "mura": mura}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -351,3 +351,147 @@ def write_medmnist3d_twin(path: str | os.PathLike, name: str = "organmnist3d", n
 
 
 __all__ += ["write_medmnist2d_twin", "write_medmnist3d_twin"]
+
+
+# --------------------------------------------------------------------------- 2-D image folders
+
+
+def _name_hex(rng: np.random.Generator) -> str:
+    """A UUID-like file stem as Kvasir v2 uses (``0a1b2c3d-....``), deterministic from ``rng``."""
+    h = "".join(f"{v:02x}" for v in rng.integers(0, 256, size=16))
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def _noise2d(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """Low-frequency 2-D field in about [-1, 1] (sum of a few random cosines)."""
+    y = np.linspace(-1.0, 1.0, height, dtype=np.float32)[:, None]
+    x = np.linspace(-1.0, 1.0, width, dtype=np.float32)[None, :]
+    f = np.zeros((height, width), np.float32)
+    for _ in range(4):
+        kx, ky = rng.uniform(0.5, 3.0, 2)
+        ph = rng.uniform(0, 2 * np.pi, 2)
+        f += np.cos(kx * np.pi * x + ph[0]) * np.cos(ky * np.pi * y + ph[1])
+    return f / 4
+
+
+def _ellipse(width: int, height: int, cx: float, cy: float, a: float, b: float, angle: float) -> np.ndarray:
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    c, s = np.cos(angle), np.sin(angle)
+    u = ((xx - cx) * c + (yy - cy) * s) / a
+    v = (-(xx - cx) * s + (yy - cy) * c) / b
+    return u * u + v * v <= 1.0
+
+
+def write_kvasir_twin(output_dir: str | os.PathLike, n_per_class: int = 6, size: Sequence[int] = (720, 576),
+                      with_masks: bool = True, seed: int = 0) -> Path:
+    """Kvasir v2 twin: ``<output_dir>/kvasir-dataset-v2/<class>/<uuid>.jpg`` for the 8 classes.
+
+    ``size`` = (width, height). Endoscopy-like reddish background with smooth noise and a dark
+    vignette; esophagitis images carry a bright elongated (rotated ellipse) lesion. With
+    ``with_masks`` the first ``ceil(n_per_class / 2)`` esophagitis images (sorted by name) get a
+    binary 0/255 PNG of the lesion at ``<output_dir>/masks/kvasir-dataset-v2/esophagitis/<stem>.png``.
+    Deterministic from ``seed``. Returns ``output_dir``.
+    """
+    from PIL import Image
+
+    from custom_components.data.image_folders import KVASIR_CLASSES
+
+    out = Path(output_dir)
+    width, height = (int(v) for v in size)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    vignette = 1.0 - 0.6 * (((xx - width / 2) / (width / 2)) ** 2 + ((yy - height / 2) / (height / 2)) ** 2).clip(0, 1)
+    for ci, cls in enumerate(KVASIR_CLASSES):
+        folder = out / "kvasir-dataset-v2" / cls
+        folder.mkdir(parents=True, exist_ok=True)
+        lesions = []
+        for _ in range(n_per_class):
+            noise = (_noise2d(rng, height, width) + 1) / 2
+            base = np.stack([150 + 60 * noise, 70 + 40 * noise + 3 * ci, 60 + 30 * noise], -1) * vignette[..., None]
+            lesion = None
+            if cls == "esophagitis":
+                a = rng.uniform(0.18, 0.3) * width
+                b = rng.uniform(0.03, 0.06) * height
+                cx = rng.uniform(0.35, 0.65) * width
+                cy = rng.uniform(0.35, 0.65) * height
+                lesion = _ellipse(width, height, cx, cy, a, b, rng.uniform(0, np.pi))
+                base[lesion] = (245, 235, 225)
+            name = _name_hex(rng)
+            Image.fromarray(np.clip(base, 0, 255).astype(np.uint8)).save(folder / f"{name}.jpg", quality=90)
+            lesions.append((name, lesion))
+        if with_masks and cls == "esophagitis":
+            mdir = out / "masks" / "kvasir-dataset-v2" / cls
+            mdir.mkdir(parents=True, exist_ok=True)
+            for name, lesion in sorted(lesions, key=lambda t: t[0])[: (n_per_class + 1) // 2]:
+                Image.fromarray(lesion.astype(np.uint8) * 255).save(mdir / f"{name}.png")
+    return out
+
+
+def write_mura_twin(output_dir: str | os.PathLike, n_patients: int = 8,
+                    body_parts: Sequence[str] = ("XR_WRIST", "XR_HAND"), with_masks: bool = True, seed: int = 0,
+                    size: Sequence[int] = (256, 320)) -> Path:
+    """MURA v1.1 twin: ``<output_dir>/MURA-v1.1/{train,valid}_{image_paths,labeled_studies}.csv`` + PNGs.
+
+    ``max(2, n_patients // 4)`` patients go to ``valid`` (numbered after the train patients, as
+    in MURA), the rest to ``train``; ``n_patients`` >= 4 so both splits hold both labels. Each
+    patient has 1-2 studies in 1-2 of ``body_parts``, each study 1-3 images of ``size`` =
+    (width, height), grey (mode L) or, for every fifth image, RGB. Abnormal studies (label 1,
+    folder ``studyN_positive``) carry a bright "hardware" rectangle. With ``with_masks`` the first
+    image of every abnormal study gets its rectangle in ``<output_dir>/mura_boxes.json``
+    (``{"<relative image path>": [[x, y, w, h]]}``). Deterministic from ``seed``. Returns ``output_dir``.
+    """
+    from PIL import Image
+
+    if n_patients < 4:
+        raise ValueError("n_patients must be >= 4 (both splits need both labels)")
+    out = Path(output_dir)
+    base = out / "MURA-v1.1"
+    base.mkdir(parents=True, exist_ok=True)
+    width, height = (int(v) for v in size)
+    rng = np.random.default_rng(seed)
+    n_valid = max(2, n_patients // 4)
+    n_train = n_patients - n_valid
+    boxes: dict[str, list[list[int]]] = {}
+    image_rows: dict[str, list[str]] = {"train": [], "valid": []}
+    study_rows: dict[str, list[str]] = {"train": [], "valid": []}
+    k = 0
+    for p in range(n_patients):
+        split = "train" if p < n_train else "valid"
+        j = p if p < n_train else p - n_train  # index within the split
+        patient = f"patient{p + 1:05d}"
+        parts = list(rng.choice(body_parts, size=min(len(body_parts), int(rng.integers(1, 3))), replace=False))
+        for pi, part in enumerate(sorted(parts)):
+            for s in range(int(rng.integers(1, 3))):
+                label = int(rng.integers(0, 2))
+                if pi == 0 and s == 0 and j < 2:
+                    label = int(j == 0)  # first patient of each split abnormal, second normal
+                study = f"MURA-v1.1/{split}/{part}/{patient}/study{s + 1}_{'positive' if label else 'negative'}"
+                study_rows[split].append(f"{study}/,{label}")
+                (out / study).mkdir(parents=True, exist_ok=True)
+                for i in range(int(rng.integers(1, 4))):
+                    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+                    bone = np.exp(-((xx - width / 2) / (0.12 * width)) ** 2) * 140
+                    img = 30 + bone + _noise2d(rng, height, width) * 15
+                    rel = f"{study}/image{i + 1}.png"
+                    if label:
+                        bw, bh = int(rng.integers(width // 10, width // 4)), int(rng.integers(height // 6, height // 3))
+                        bx, by = int(rng.integers(0, width - bw)), int(rng.integers(0, height - bh))
+                        img[by:by + bh, bx:bx + bw] = 250
+                        if with_masks and i == 0:
+                            boxes[rel] = [[bx, by, bw, bh]]
+                    arr = np.clip(img, 0, 255).astype(np.uint8)
+                    im = Image.fromarray(arr)
+                    if k % 5 == 4:
+                        im = im.convert("RGB")
+                    im.save(out / rel)
+                    image_rows[split].append(rel)
+                    k += 1
+    for split in ("train", "valid"):
+        (base / f"{split}_image_paths.csv").write_text("\n".join(image_rows[split]) + "\n")
+        (base / f"{split}_labeled_studies.csv").write_text("\n".join(study_rows[split]) + "\n")
+    if with_masks:
+        (out / "mura_boxes.json").write_text(json.dumps(boxes, indent=1) + "\n")
+    return out
+
+
+__all__ += ["write_kvasir_twin", "write_mura_twin"]
