@@ -205,7 +205,7 @@ def test_slice_dataset_with_workers_and_chunk_sampler(store64):
 
 
 def test_slice_dataset_errors(store64, tmp_path):
-    with pytest.raises(InputDataError, match="not prepared; run scripts/prepare_brats20.py"):
+    with pytest.raises(InputDataError, match="BraTS20_Training_999 is not prepared; run "):
         SliceDataset([{"case": "BraTS20_Training_999"}], root=store64.parent)
     with pytest.raises(InputDataError, match="empty datalist"):
         SliceDataset([], root=store64.parent)

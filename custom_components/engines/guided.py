@@ -17,7 +17,7 @@ from monai.engines.utils import IterationEvents
 from custom_components.explain.base import Explainer, resize_maps
 from custom_components.guidance.base import GuidanceLoss, positive_selection
 
-__all__ = ["GuidedIteration", "ExplainIteration", "to_device"]
+__all__ = ["GuidedIteration", "ExplainIteration", "to_device", "optimise"]
 
 
 def to_device(batch: dict, keys: tuple[str, ...], device: torch.device, non_blocking: bool = False) -> list:
@@ -25,6 +25,23 @@ def to_device(batch: dict, keys: tuple[str, ...], device: torch.device, non_bloc
     if missing:
         raise KeyError(f"batch has no {missing}; it has {sorted(batch)}")
     return [batch[k].to(device, non_blocking=non_blocking) for k in keys]
+
+
+def optimise(engine: SupervisedTrainer, loss: torch.Tensor) -> None:
+    """Backward and optimizer step of a trainer iteration (with AMP's scaler when enabled),
+    firing MONAI's iteration events in the order of ``SupervisedTrainer._iteration``."""
+    engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+    engine.fire_event(IterationEvents.LOSS_COMPLETED)
+    if engine.amp and engine.scaler is not None:
+        engine.scaler.scale(loss).backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        engine.scaler.step(engine.optimizer)
+        engine.scaler.update()
+    else:
+        loss.backward()
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        engine.optimizer.step()
+    engine.fire_event(IterationEvents.MODEL_COMPLETED)
 
 
 class GuidedIteration:
@@ -96,18 +113,7 @@ class GuidedIteration:
                 f"non-finite loss at iteration {engine.state.iteration} (task {loss_cls.item()}, guidance "
                 f"{loss_loc.item()}): check the inputs for NaNs or lower the learning rate"
             )
-        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        if engine.amp and engine.scaler is not None:
-            engine.scaler.scale(loss).backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.scaler.step(engine.optimizer)
-            engine.scaler.update()
-        else:
-            loss.backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.optimizer.step()
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        optimise(engine, loss)
         return {
             "image": images,
             "label": labels,

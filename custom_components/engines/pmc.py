@@ -13,9 +13,8 @@ import math
 from typing import Any
 
 import torch
-from monai.engines.utils import IterationEvents
 
-from custom_components.engines.guided import to_device
+from custom_components.engines.guided import optimise, to_device
 
 __all__ = ["PMCIteration"]
 
@@ -40,16 +39,5 @@ class PMCIteration:
                 loss = engine.loss_function(logits, labels)
         if not math.isfinite(loss.item()):
             raise FloatingPointError(f"non-finite loss at iteration {engine.state.iteration}: check the inputs or lower the learning rate")
-        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        engine.fire_event(IterationEvents.LOSS_COMPLETED)
-        if engine.amp and engine.scaler is not None:
-            engine.scaler.scale(loss).backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.scaler.step(engine.optimizer)
-            engine.scaler.update()
-        else:
-            loss.backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.optimizer.step()
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        optimise(engine, loss)
         return {"image": images, "label": labels, "pred": logits.detach(), "loss": loss.detach()}
