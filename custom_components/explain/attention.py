@@ -18,23 +18,14 @@ from typing import Sequence
 import torch
 
 from custom_components.capture import ViTCapture
-from custom_components.explain.base import Explainer, resize_maps
+from custom_components.explain.base import Explainer, check_map_options, resize_maps
 from custom_components.explain.gae import minmax_per_sample
 from custom_components.networks.vit import patch_grid_side
 
 __all__ = ["RawAttention", "AttentionRollout", "attention_rollout", "fuse_heads", "discard_lowest"]
 
-UPSAMPLE_MODES = ("bilinear", "nearest", "none")
-NORMALIZE_MODES = ("minmax", "none")
 HEAD_FUSIONS = ("mean", "max", "min")
 ROLLOUT_VARIANTS = ("standard", "lgmvit_reference")
-
-
-def _check_modes(upsample: str, normalize: str) -> None:
-    if upsample not in UPSAMPLE_MODES:
-        raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, got {upsample!r}")
-    if normalize not in NORMALIZE_MODES:
-        raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
 
 
 def _finish(token_map: torch.Tensor, upsample: str, normalize: str, out_size, eps: float) -> torch.Tensor:
@@ -128,7 +119,7 @@ class RawAttention(Explainer):
         eps: float = 1e-8,
     ) -> None:
         super().__init__(model)
-        _check_modes(upsample, normalize)
+        check_map_options(upsample, normalize)
         self.block = int(block)
         self.upsample = upsample
         self.normalize = normalize
@@ -171,7 +162,7 @@ class AttentionRollout(Explainer):
         eps: float = 1e-8,
     ) -> None:
         super().__init__(model)
-        _check_modes(upsample, normalize)
+        check_map_options(upsample, normalize)
         if head_fusion not in HEAD_FUSIONS:
             raise ValueError(f"head_fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}")
         if variant not in ROLLOUT_VARIANTS:

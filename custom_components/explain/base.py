@@ -18,7 +18,20 @@ import torch.nn.functional as F
 
 from custom_components.capture import ViTCapture
 
-__all__ = ["Explainer", "resize_maps"]
+__all__ = ["Explainer", "resize_maps", "check_map_options", "UPSAMPLE_MODES", "NORMALIZE_MODES"]
+
+UPSAMPLE_MODES = ("bilinear", "nearest", "none")
+NORMALIZE_MODES = ("minmax", "none")
+
+
+def check_map_options(upsample: str, normalize: str, target: object = "auto") -> None:
+    """Validate the post-processing options shared by the explainers (and a target, if given)."""
+    if upsample not in UPSAMPLE_MODES:
+        raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, got {upsample!r}")
+    if normalize not in NORMALIZE_MODES:
+        raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
+    if not (isinstance(target, int) or target in ("auto", "predicted")):
+        raise ValueError(f"target must be 'auto', 'predicted' or a class index, got {target!r}")
 
 
 def resize_maps(maps: torch.Tensor, out_size: Sequence[int] | None, mode: str = "bilinear") -> torch.Tensor:

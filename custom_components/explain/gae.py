@@ -23,13 +23,11 @@ from typing import Sequence
 import torch
 
 from custom_components.capture import ViTCapture
-from custom_components.explain.base import Explainer, resize_maps
+from custom_components.explain.base import Explainer, check_map_options, resize_maps
 from custom_components.networks.vit import patch_grid_side
 
 __all__ = ["GAE", "gae_relevance", "target_scalar", "minmax_per_sample"]
 
-UPSAMPLE_MODES = ("bilinear", "nearest", "none")
-NORMALIZE_MODES = ("minmax", "none")
 
 
 def target_scalar(logits: torch.Tensor, target: torch.Tensor | int | str | None = None) -> torch.Tensor:
@@ -115,12 +113,7 @@ class GAE(Explainer):
         eps: float = 1e-8,
     ) -> None:
         super().__init__(model)
-        if upsample not in UPSAMPLE_MODES:
-            raise ValueError(f"upsample must be one of {UPSAMPLE_MODES}, got {upsample!r}")
-        if normalize not in NORMALIZE_MODES:
-            raise ValueError(f"normalize must be one of {NORMALIZE_MODES}, got {normalize!r}")
-        if not (isinstance(target, int) or target in ("auto", "predicted")):
-            raise ValueError(f"target must be 'auto', 'predicted' or a class index, got {target!r}")
+        check_map_options(upsample, normalize, target)
         self.target = target
         self.upsample = upsample
         self.normalize = normalize

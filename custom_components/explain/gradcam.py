@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from custom_components.capture import ViTCapture
-from custom_components.explain.base import Explainer, resize_maps
+from custom_components.explain.base import Explainer, check_map_options, resize_maps
 from custom_components.explain.gae import minmax_per_sample, target_scalar
 from custom_components.networks.vit import patch_grid_side
 
@@ -83,14 +83,9 @@ class ViTGradCAM(Explainer):
         eps: float = 1e-8,
     ) -> None:
         super().__init__(model)
-        if upsample not in ("bilinear", "nearest", "none"):
-            raise ValueError(f"upsample must be bilinear, nearest or none, got {upsample!r}")
-        if normalize not in ("minmax", "none"):
-            raise ValueError(f"normalize must be minmax or none, got {normalize!r}")
+        check_map_options(upsample, normalize, target)
         if eigen_sign not in ("correlate", "raw"):
             raise ValueError(f"eigen_sign must be 'correlate' or 'raw', got {eigen_sign!r}")
-        if not (isinstance(target, int) or target in ("auto", "predicted")):
-            raise ValueError(f"target must be 'auto', 'predicted' or a class index, got {target!r}")
         self.layer = layer
         self.target = target
         self.eigen_smooth = bool(eigen_smooth)

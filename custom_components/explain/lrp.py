@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 
 from custom_components.capture import ViTCapture
-from custom_components.explain.base import Explainer, resize_maps
+from custom_components.explain.base import Explainer, check_map_options, resize_maps
 from custom_components.explain.gae import minmax_per_sample, target_scalar
 from custom_components.networks.vit import patch_grid_side
 
@@ -223,12 +223,7 @@ class TransformerAttribution(Explainer):
         lrp_eps: float = LRP_EPS,
     ) -> None:
         super().__init__(model)
-        if upsample not in ("bilinear", "nearest", "none"):
-            raise ValueError(f"upsample must be bilinear, nearest or none, got {upsample!r}")
-        if normalize not in ("minmax", "none"):
-            raise ValueError(f"normalize must be minmax or none, got {normalize!r}")
-        if not (isinstance(target, int) or target in ("auto", "predicted")):
-            raise ValueError(f"target must be 'auto', 'predicted' or a class index, got {target!r}")
+        check_map_options(upsample, normalize, target)
         self.target = target
         self.start_layer = int(start_layer)
         self.upsample = upsample
