@@ -48,6 +48,7 @@ __all__ = [
     "average_precision",
     "classification_metrics",
     "EpochScoreMetric",
+    "gather_rows",
     "F1",
     "Accuracy",
     "AUROC",
@@ -250,6 +251,25 @@ def _stack(x: Any, what: str) -> torch.Tensor:
     return torch.as_tensor(x)
 
 
+def gather_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Concatenate the (n_r, w) float64 rows of every process (n_r may differ; w may be 0 where n_r is).
+
+    ``all_gather`` needs equal shapes: exchange the shapes, pad to the largest, trim after.
+    Single-process: the rows themselves (on the CPU).
+    """
+    ws = idist.get_world_size()
+    if ws == 1:
+        return rows.cpu()
+    shape = torch.tensor([rows.shape[0], rows.shape[1] if rows.dim() == 2 else 0], device=idist.device())
+    shapes = idist.all_gather(shape).reshape(ws, 2).tolist()
+    n_max, width = max(int(n) for n, _ in shapes), max(int(w) for _, w in shapes)
+    padded = torch.zeros(n_max, width, dtype=torch.float64, device=idist.device())
+    if rows.numel():
+        padded[: rows.shape[0]] = rows.to(padded)
+    gathered = idist.all_gather(padded).reshape(ws, n_max, width)
+    return torch.cat([gathered[r, : int(shapes[r][0])] for r in range(ws)], dim=0).cpu()
+
+
 class EpochScoreMetric(Metric):
     """Base ignite metric: pools positive-class probabilities and labels over an epoch.
 
@@ -305,19 +325,8 @@ class EpochScoreMetric(Metric):
     def _gather(self) -> tuple[torch.Tensor, torch.Tensor]:
         probs = torch.cat(self._probs) if self._probs else torch.zeros(0, dtype=torch.float64, device=self._device)
         labels = torch.cat(self._labels) if self._labels else torch.zeros(0, dtype=torch.float64, device=self._device)
-        ws = idist.get_world_size()
-        if ws > 1:
-            # all_gather needs equal shapes: exchange lengths, pad to the longest, trim after.
-            n_local = torch.tensor([probs.numel()], device=idist.device())
-            sizes = [int(v) for v in idist.all_gather(n_local).tolist()]
-            n_max = max(sizes)
-            both = torch.stack([probs, labels], dim=1).to(idist.device())
-            padded = torch.zeros(n_max, 2, dtype=torch.float64, device=both.device)
-            padded[: both.shape[0]] = both
-            gathered = idist.all_gather(padded).reshape(ws, n_max, 2)
-            both = torch.cat([gathered[r, : sizes[r]] for r in range(ws)], dim=0).cpu()
-            probs, labels = both[:, 0], both[:, 1]
-        return probs.cpu(), labels.cpu()
+        both = gather_rows(torch.stack([probs, labels], dim=1))
+        return both[:, 0], both[:, 1]
 
     def compute(self) -> float:
         probs, labels = self._gather()

@@ -22,7 +22,7 @@ from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced
 
 from custom_components.data.medmnist import _TASK_ALIASES, medmnist_metrics
-from custom_components.metrics.classification import _stack
+from custom_components.metrics.classification import _stack, gather_rows
 
 __all__ = ["MedMNISTMetric", "MedMNISTACC", "MedMNISTAUC", "logits_to_scores"]
 
@@ -83,19 +83,12 @@ class MedMNISTMetric(Metric):
             y = torch.zeros(0, 0, dtype=torch.float64)
         else:
             s, y = torch.cat(self._scores), torch.cat(self._labels)
-        ws = idist.get_world_size()
-        if ws > 1:
-            both = torch.cat([s, y], dim=1) if s.numel() else torch.zeros(0, 0, dtype=torch.float64)
-            meta = torch.tensor([both.shape[0], both.shape[1], s.shape[1] if s.numel() else 0], device=idist.device())
-            metas = idist.all_gather(meta).reshape(ws, 3).tolist()
-            n_max = max(int(m[0]) for m in metas)
-            width = max(int(m[1]) for m in metas)
-            n_score = max(int(m[2]) for m in metas)
-            padded = torch.zeros(n_max, width, dtype=torch.float64, device=idist.device())
-            if both.numel():
-                padded[: both.shape[0]] = both.to(padded.device)
-            gathered = idist.all_gather(padded).reshape(ws, n_max, width)
-            both = torch.cat([gathered[r, : int(metas[r][0])] for r in range(ws)], dim=0).cpu()
+        if idist.get_world_size() > 1:
+            # scores and labels travel as one row block (a rank may hold none: width 0); labels take
+            # one column per class for multi-label tasks, one column otherwise
+            both = gather_rows(torch.cat([s, y], dim=1) if s.numel() else torch.zeros(0, 0, dtype=torch.float64))
+            multi_label = _TASK_ALIASES[self.task] == "multi-label"
+            n_score = both.shape[1] // 2 if multi_label else both.shape[1] - 1
             s, y = both[:, :n_score], both[:, n_score:]
         return s.cpu(), y.cpu()
 
