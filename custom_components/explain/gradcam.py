@@ -11,10 +11,20 @@ projected on their first right singular vector instead of summed over channels. 
 arbitrary: ``eigen_sign="correlate"`` (default) flips it, per sample, so that the projection
 correlates positively with the plain weighted sum; ``"raw"`` keeps torch's sign.
 
-Not implemented: ``aug_smooth`` (flip x multiply test-time augmentation).
+``aug_smooth`` (test-time augmentation, as ``BaseCAM.forward_augmentation_smoothing`` with
+``ttach``): six passes over horizontal flip {off, on} x multiply {0.9, 1.0, 1.1} of the input;
+each pass is post-processed as the library's ``scale_cam_image`` (ReLU -> per-sample
+(m - min) / (max(m - min) + 1e-7) on the patch grid -> resize), flipped back, and the six maps
+are averaged; the project's per-sample min-max is applied to the average (``normalize``). It needs
+six forwards of augmented images, so it is available through :meth:`ViTGradCAM.attribute` only;
+:meth:`ViTGradCAM.explain` on one recorded forward raises. When the target is the prediction, it is
+taken from the un-augmented pass and held for all six (the library re-predicts on every augmented
+copy, which can mix classes in one map).
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -22,9 +32,15 @@ import torch.nn as nn
 from custom_components.capture import ViTCapture
 from custom_components.explain.base import Explainer, check_map_options, resize_maps
 from custom_components.explain.gae import minmax_per_sample, target_scalar
+from custom_components.explain.lrp import target_index
 from custom_components.networks.vit import patch_grid_side
 
-__all__ = ["ViTGradCAM", "GradCAMCapture", "eigen_projection"]
+__all__ = ["ViTGradCAM", "GradCAMCapture", "eigen_projection", "scale_cam", "AUG_SMOOTH_PASSES"]
+
+#: the six (horizontal flip, intensity factor) passes of aug_smooth (ttach HorizontalFlip x Multiply)
+AUG_SMOOTH_PASSES: tuple[tuple[bool, float], ...] = tuple((f, m) for f in (False, True) for m in (0.9, 1.0, 1.1))
+#: epsilon of pytorch-grad-cam's scale_cam_image
+SCALE_CAM_EPS = 1e-7
 
 
 def eigen_projection(weighted: torch.Tensor) -> torch.Tensor:
@@ -32,6 +48,17 @@ def eigen_projection(weighted: torch.Tensor) -> torch.Tensor:
     centred = weighted - weighted.mean(dim=1, keepdim=True)
     _, _, vh = torch.linalg.svd(centred, full_matrices=False)
     return torch.einsum("bnc,bc->bn", centred, vh[:, 0, :])
+
+
+def scale_cam(cam: torch.Tensor, eps: float = SCALE_CAM_EPS) -> torch.Tensor:
+    """Per-sample (m - min) / (max(m - min) + eps) over all but the first axis (``scale_cam_image``).
+
+    Unlike :func:`~custom_components.explain.gae.minmax_per_sample` the epsilon is added to the
+    range itself; a constant map gives zeros either way.
+    """
+    flat = cam.reshape(cam.shape[0], -1)
+    flat = flat - flat.min(dim=1, keepdim=True).values
+    return (flat / (flat.max(dim=1, keepdim=True).values + eps)).reshape(cam.shape)
 
 
 class GradCAMCapture(ViTCapture):
@@ -63,6 +90,9 @@ class ViTGradCAM(Explainer):
         target: ``"auto"``, ``"predicted"`` or a class index (as :class:`GAE`).
         eigen_smooth: first-principal-component projection instead of the channel sum.
         eigen_sign: ``"correlate"`` (sign fixed against the plain CAM) or ``"raw"``.
+        aug_smooth: average six flip x multiply passes (see the module docstring); only through
+            :meth:`attribute`, each pass a batched forward (run one after another: the batch
+            already fills the device, and six stacked copies would hold six times the graph).
         upsample: ``"bilinear"``, ``"nearest"`` or ``"none"``. normalize: ``"minmax"`` or ``"none"``
             (``"none"``: the ReLU'd weighted sum at token resolution, as Captum's ``LayerGradCam``).
         create_graph: keep the map differentiable w.r.t. the weights (double backprop).
@@ -77,6 +107,7 @@ class ViTGradCAM(Explainer):
         target: str | int = "auto",
         eigen_smooth: bool = False,
         eigen_sign: str = "correlate",
+        aug_smooth: bool = False,
         upsample: str = "bilinear",
         normalize: str = "minmax",
         create_graph: bool = False,
@@ -90,6 +121,7 @@ class ViTGradCAM(Explainer):
         self.target = target
         self.eigen_smooth = bool(eigen_smooth)
         self.eigen_sign = eigen_sign
+        self.aug_smooth = bool(aug_smooth)
         self.upsample = upsample
         self.normalize = normalize
         self.create_graph = bool(create_graph)
@@ -100,10 +132,13 @@ class ViTGradCAM(Explainer):
 
     def cam(self, logits: torch.Tensor, record: GradCAMCapture, target=None) -> torch.Tensor:
         """(B, N) Grad-CAM scores before ReLU, resizing and normalisation."""
+        return self._cam(logits, record, target if self.target == "auto" else self.target)
+
+    def _cam(self, logits: torch.Tensor, record: GradCAMCapture, target) -> torch.Tensor:
         act = record.activation
         if act is None or not act.requires_grad or not logits.requires_grad:
             raise RuntimeError("ViTGradCAM needs a forward with gradients enabled inside ViTGradCAM.capture()")
-        scalar = target_scalar(logits, target if self.target == "auto" else self.target)
+        scalar = target_scalar(logits, target)
         (grad,) = torch.autograd.grad(scalar, act, retain_graph=True, create_graph=self.create_graph)
         act, grad = act[:, 1:], grad[:, 1:]
         weights = grad.mean(dim=1, keepdim=True)  # (B, 1, D)
@@ -118,11 +153,50 @@ class ViTGradCAM(Explainer):
         return proj
 
     def explain(self, logits, record, target=None, out_size=None):
+        if self.aug_smooth:
+            raise RuntimeError(
+                "ViTGradCAM(aug_smooth=True) needs six forwards of augmented images, not one recorded "
+                "forward: call attribute(images) (or use aug_smooth=False here)"
+            )
         cam = self.cam(logits, record, target).clamp(min=0)
-        side = patch_grid_side(cam.shape[-1])
-        maps = cam.reshape(-1, side, side)
+        maps = self._grid(cam)
         if self.upsample != "none" and out_size is not None:
             maps = resize_maps(maps, out_size, mode=self.upsample)
+        if self.normalize == "minmax":
+            maps = minmax_per_sample(maps, self.eps)
+        return maps
+
+    @staticmethod
+    def _grid(cam: torch.Tensor) -> torch.Tensor:
+        side = patch_grid_side(cam.shape[-1])
+        return cam.reshape(-1, side, side)
+
+    def attribute(
+        self, images: torch.Tensor, target: torch.Tensor | None = None, out_size: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """One map per image, (B, H, W); with ``aug_smooth`` the average of the six augmented passes."""
+        if not self.aug_smooth:
+            return super().attribute(images, target=target, out_size=out_size)
+        out_size = tuple(images.shape[-2:]) if out_size is None else out_size
+        passes = sorted(AUG_SMOOTH_PASSES, key=lambda p: (p[0], p[1] != 1.0))  # un-augmented pass first
+        total, index = None, None
+        for flip, factor in passes:
+            augmented = images.flip(-1) if flip else images
+            if factor != 1.0:
+                augmented = augmented * factor
+            with self.capture() as record:
+                logits = self.model(augmented)
+                if index is None:  # resolve the target once, on the un-augmented images
+                    tgt = target if self.target == "auto" else self.target
+                    index = target_index(logits.reshape(logits.shape[0], -1), tgt)
+                cam = self._cam(logits, record, index)
+            maps = scale_cam(self._grid(cam.clamp(min=0)))
+            if self.upsample != "none":
+                maps = resize_maps(maps, out_size, mode=self.upsample)
+            if flip:  # de-augment: flip the map back (the resize commutes with the flip)
+                maps = maps.flip(-1)
+            total = maps if total is None else total + maps
+        maps = total / len(passes)
         if self.normalize == "minmax":
             maps = minmax_per_sample(maps, self.eps)
         return maps
