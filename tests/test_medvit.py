@@ -216,3 +216,29 @@ def test_medvit3d_scriptable_and_pmc():
         model.eval()
         scripted = torch.jit.script(model)
         torch.testing.assert_close(scripted(x), model(x))
+
+
+def test_one_implementation_for_2d_and_3d():
+    from custom_components.networks.medvit3d import LTB3d, MedViT3D
+
+    kw = dict(depths=(1, 1, 5, 1), num_classes=2, in_channels=1, path_dropout=0.0, stem_stride=2)
+    torch.manual_seed(0)
+    generic = MedViT(spatial_dims=3, **kw).eval()
+    torch.manual_seed(0)
+    named = MedViT3D(**kw).eval()
+    assert isinstance(named, MedViT) and all(isinstance(b, LTB) for b in named.modules() if isinstance(b, LTB3d))
+    assert {k: v.shape for k, v in generic.state_dict().items()} == {k: v.shape for k, v in named.state_dict().items()}
+    x = torch.rand(2, 1, 12, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(generic(x), named(x), rtol=0, atol=0)
+    convs = {type(m) for m in named.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))}
+    assert convs == {torch.nn.Conv3d}
+    with pytest.raises(ValueError, match="spatial_dims"):
+        MedViT(spatial_dims=1, **kw)
+    # grid pooling is dimension-free: 3-D "2d"/"grid" with sr 2 averages the 2x2x2 corner block
+    attn = EMHSA(64, sr_ratio=2, kv_pool="grid").eval()
+    tokens = torch.randn(1, 4 * 4 * 4, 64)
+    kv = attn.reduce_kv(tokens, 4, 4, 4) * (1 + 1e-5) ** 0.5
+    assert kv.shape[1] == 8
+    torch.testing.assert_close(kv[0, 0], tokens[0].reshape(4, 4, 4, 64)[:2, :2, :2].reshape(8, 64).mean(0),
+                               rtol=1e-5, atol=1e-5)

@@ -1,4 +1,4 @@
-"""MedViT: hybrid CNN-transformer classifier (2-D).
+"""MedViT: hybrid CNN-transformer classifier, 2-D and 3-D in one implementation.
 
 Manzari et al., "MedViT: A Robust Vision Transformer for Generalized Medical Image
 Classification", Computers in Biology and Medicine 157:106791, 2023 (arXiv 2302.09462); the
@@ -53,17 +53,28 @@ The trainer computes ``loss = lam * crit(logits, y) + (1 - lam) * crit(logits, y
 with :meth:`MedViT.pmc_loss` ``(logits, y, criterion)`` (works for CE and, with float multi-label
 targets, BCE-with-logits). Inference (eval mode) is never mixed.
 
+Spatial dimensions
+------------------
+Every block takes ``spatial_dims`` (2 or 3, MONAI style) and picks its convolution, batch norm and
+average pooling from it (``monai.networks.layers.factories``); the arithmetic (token reshapes,
+squeeze-excitation pooling, PONO) is dimension-free. ``MedViT(spatial_dims=3)`` is the project's
+MedViT-3D (spec section 7); :mod:`custom_components.networks.medvit3d` holds its defaults and the
+3-D names (``MedViT3D``, ``medvit3d_t`` ...), thin wrappers over the classes here.
+``kv_pool="adaptive"`` (the 3-D default) pools keys/values on the grid with the smallest cubic
+kernel that leaves at most ``max_kv_tokens`` tokens, chosen at run time from the grid.
+
 ``forward`` returns the logits only (one tensor; MONAI ``verify_net_in_out`` friendly);
 ``forward_features`` returns the pooled 1024-d features. The model is TorchScript-scriptable.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Callable, List, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from monai.networks.layers.factories import Conv, Norm, Pool
 
 from custom_components.networks.vit import DropPath
 
@@ -78,6 +89,7 @@ __all__ = [
     "PatchMomentChanger",
     "pono",
     "moment_exchange",
+    "kv_pool_kernel",
     "medvit_t",
     "medvit_s",
     "medvit_l",
@@ -85,6 +97,7 @@ __all__ = [
     "medvit_base",
     "medvit_large",
     "MEDVIT_VARIANTS",
+    "KV_POOLS",
 ]
 
 BN_EPS = 1e-5
@@ -96,6 +109,24 @@ MEDVIT_VARIANTS: dict[str, tuple[str, tuple[int, int, int, int], float]] = {
     "L": ("large", (3, 4, 30, 3), 0.2),
 }
 
+#: E-MHSA key/value reductions: released raster pooling, per-axis grid pooling ("2d" is the spec's
+#: name for it), and the 3-D variant's adaptive grid pooling to at most ``max_kv_tokens``.
+KV_POOLS = ("1d", "2d", "grid", "adaptive")
+
+
+def _check_dims(spatial_dims: int) -> int:
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    return int(spatial_dims)
+
+
+def _conv(spatial_dims: int) -> type:
+    return Conv[Conv.CONV, _check_dims(spatial_dims)]
+
+
+def _bn(channels: int, spatial_dims: int) -> nn.Module:
+    return Norm[Norm.BATCH, _check_dims(spatial_dims)](channels, eps=BN_EPS)
+
 
 def make_divisible(v: float, divisor: int, min_value: int | None = None) -> int:
     """Round ``v`` to the nearest multiple of ``divisor`` without going below 90 % of ``v``."""
@@ -104,6 +135,18 @@ def make_divisible(v: float, divisor: int, min_value: int | None = None) -> int:
     if new_v < 0.9 * v:
         new_v += divisor
     return new_v
+
+
+def kv_pool_kernel(grid: List[int], max_tokens: int) -> int:
+    """Smallest kernel k (the same on every axis) with prod(ceil(n / k) for n in grid) <= max_tokens."""
+    k = 1
+    count = max_tokens + 1
+    while count > max_tokens:
+        count = 1
+        for n in grid:
+            count *= (n + k - 1) // k
+        k += 1
+    return k - 1
 
 
 class HSwish(nn.Module):
@@ -117,10 +160,12 @@ class HSigmoid(nn.Module):
 
 
 class ConvBNReLU(nn.Sequential):
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+    """3x3 (x3) convolution without bias + BN + ReLU (the stem's unit)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, spatial_dims: int = 2):
         super().__init__(
-            nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False),
-            nn.BatchNorm2d(out_channels, eps=BN_EPS),
+            _conv(spatial_dims)(in_channels, out_channels, 3, stride, 1, bias=False),
+            _bn(out_channels, spatial_dims),
             nn.ReLU(inplace=True),
         )
 
@@ -128,15 +173,16 @@ class ConvBNReLU(nn.Sequential):
 class PatchEmbed(nn.Module):
     """Stride 2: AvgPool(2, ceil) + 1x1 conv + BN; stride 1 with a channel change: 1x1 conv + BN; else identity."""
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, spatial_dims: int = 2):
         super().__init__()
         if stride == 2:
-            self.avgpool: nn.Module = nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False)
+            pool = Pool[Pool.AVG, _check_dims(spatial_dims)]
+            self.avgpool: nn.Module = pool(2, 2, ceil_mode=True, count_include_pad=False)
         else:
             self.avgpool = nn.Identity()
         if stride == 2 or in_channels != out_channels:
-            self.conv: nn.Module = nn.Conv2d(in_channels, out_channels, 1, 1, bias=False)
-            self.norm: nn.Module = nn.BatchNorm2d(out_channels, eps=BN_EPS)
+            self.conv: nn.Module = _conv(spatial_dims)(in_channels, out_channels, 1, 1, bias=False)
+            self.norm: nn.Module = _bn(out_channels, spatial_dims)
         else:
             self.conv = nn.Identity()
             self.norm = nn.Identity()
@@ -146,21 +192,22 @@ class PatchEmbed(nn.Module):
 
 
 class MHCA(nn.Module):
-    """Multi-head convolutional attention: grouped 3x3 conv (``head_dim`` channels per group), BN, ReLU, 1x1."""
+    """Multi-head convolutional attention: grouped 3x3 (x3) conv (``head_dim`` channels per group), BN, ReLU, 1x1."""
 
-    def __init__(self, channels: int, head_dim: int = 32):
+    def __init__(self, channels: int, head_dim: int = 32, spatial_dims: int = 2):
         super().__init__()
-        self.group_conv3x3 = nn.Conv2d(channels, channels, 3, 1, 1, groups=channels // head_dim, bias=False)
-        self.norm = nn.BatchNorm2d(channels, eps=BN_EPS)
+        conv = _conv(spatial_dims)
+        self.group_conv3x3 = conv(channels, channels, 3, 1, 1, groups=channels // head_dim, bias=False)
+        self.norm = _bn(channels, spatial_dims)
         self.act = nn.ReLU(inplace=True)
-        self.projection = nn.Conv2d(channels, channels, 1, bias=False)
+        self.projection = conv(channels, channels, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.projection(self.act(self.norm(self.group_conv3x3(x))))
 
 
 class SELayer(nn.Module):
-    """Squeeze-excitation with a ``channels // reduction`` bottleneck and an h-sigmoid gate."""
+    """Squeeze-excitation (global mean over all spatial axes) with a ``channels // reduction`` bottleneck and an h-sigmoid gate."""
 
     def __init__(self, channels: int, reduction: int):
         super().__init__()
@@ -168,29 +215,32 @@ class SELayer(nn.Module):
         self.fc = nn.Sequential(nn.Linear(channels, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, channels), HSigmoid())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.fc(x.mean(dim=(2, 3)))
-        return x * w[:, :, None, None]
+        w = self.fc(x.flatten(2).mean(dim=-1))
+        for _ in range(x.dim() - 2):
+            w = w.unsqueeze(-1)
+        return x * w
 
 
 class LocalityFeedForward(nn.Module):
-    """LFFN(u) = u + F(u): 1x1 expand + BN + h-swish, depthwise 3x3 + BN + h-swish, SE, 1x1 project + BN.
+    """LFFN(u) = u + F(u): 1x1 expand + BN + h-swish, depthwise 3x3 (x3) + BN + h-swish, SE, 1x1 project + BN.
 
     The SE reduction equals the input width, so the SE bottleneck has ``expand_ratio`` units.
     """
 
-    def __init__(self, channels: int, expand_ratio: int):
+    def __init__(self, channels: int, expand_ratio: int, spatial_dims: int = 2):
         super().__init__()
         hidden = int(channels * expand_ratio)
+        conv = _conv(spatial_dims)
         self.conv = nn.Sequential(
-            nn.Conv2d(channels, hidden, 1, 1, 0, bias=False),
-            nn.BatchNorm2d(hidden, eps=BN_EPS),
+            conv(channels, hidden, 1, 1, 0, bias=False),
+            _bn(hidden, spatial_dims),
             HSwish(),
-            nn.Conv2d(hidden, hidden, 3, 1, 1, groups=hidden, bias=False),
-            nn.BatchNorm2d(hidden, eps=BN_EPS),
+            conv(hidden, hidden, 3, 1, 1, groups=hidden, bias=False),
+            _bn(hidden, spatial_dims),
             HSwish(),
             SELayer(hidden, reduction=channels),
-            nn.Conv2d(hidden, channels, 1, 1, 0, bias=False),
-            nn.BatchNorm2d(channels, eps=BN_EPS),
+            conv(hidden, channels, 1, 1, 0, bias=False),
+            _bn(channels, spatial_dims),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -201,13 +251,13 @@ class ECB(nn.Module):
     """Efficient convolution block: ``x = PE(x); x = x + DropPath(MHCA(x)); x = x + LFFN(BN(x))``."""
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, path_dropout: float = 0.0,
-                 head_dim: int = 32, mlp_ratio: int = 3):
+                 head_dim: int = 32, mlp_ratio: int = 3, spatial_dims: int = 2):
         super().__init__()
-        self.patch_embed = PatchEmbed(in_channels, out_channels, stride)
-        self.mhca = MHCA(out_channels, head_dim)
+        self.patch_embed = PatchEmbed(in_channels, out_channels, stride, spatial_dims)
+        self.mhca = MHCA(out_channels, head_dim, spatial_dims)
         self.attention_path_dropout = DropPath(path_dropout)
-        self.norm = nn.BatchNorm2d(out_channels, eps=BN_EPS)
-        self.conv = LocalityFeedForward(out_channels, mlp_ratio)
+        self.norm = _bn(out_channels, spatial_dims)
+        self.conv = LocalityFeedForward(out_channels, mlp_ratio, spatial_dims)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)
@@ -218,46 +268,67 @@ class ECB(nn.Module):
 class EMHSA(nn.Module):
     """Efficient multi-head self-attention on tokens (B, N, C); keys/values from a reduced sequence.
 
-    ``kv_pool="1d"``: AvgPool1d(kernel = stride = sr^2) along the raster order, as released;
-    ``"2d"``: sr x sr average pooling on the (H, W) grid (ceil mode). BatchNorm1d after pooling.
+    The tokens are a grid (n0, n1) in 2-D or (n0, n1, n2) in 3-D in raster order; the grid sizes
+    are passed as ints (``n2 = -1`` for 2-D). Key/value reduction (``kv_pool``):
+
+    * ``"1d"``: AvgPool1d(kernel = stride = sr^spatial_dims) along the raster order, as released
+      (kernel clipped to the sequence length);
+    * ``"2d"`` / ``"grid"``: sr per axis average pooling on the grid (ceil mode);
+    * ``"adaptive"``: grid pooling with the smallest kernel k (every axis) that leaves at most
+      ``max_kv_tokens`` tokens; no pooling when the grid is already small enough.
+
+    BatchNorm1d follows the pooling (for ``"adaptive"`` it always exists, used only when k > 1).
     """
 
     def __init__(self, dim: int, head_dim: int = 32, sr_ratio: int = 1, attn_drop: float = 0.0,
-                 proj_drop: float = 0.0, kv_pool: str = "1d"):
+                 proj_drop: float = 0.0, kv_pool: str = "1d", max_kv_tokens: int = 64):
         super().__init__()
-        if kv_pool not in ("1d", "2d"):
-            raise ValueError(f"kv_pool must be '1d' or '2d', got {kv_pool!r}")
+        if kv_pool not in KV_POOLS:
+            raise ValueError(f"kv_pool must be one of {KV_POOLS}, got {kv_pool!r}")
         self.num_heads = dim // head_dim
         self.head_dim = head_dim
         self.scale = head_dim ** -0.5
         self.sr_ratio = int(sr_ratio)
-        self.pool_2d = kv_pool == "2d"
+        self.pool_mode = {"1d": 0, "2d": 1, "grid": 1, "adaptive": 2}[kv_pool]
+        self.max_kv_tokens = int(max_kv_tokens)
         self.q = nn.Linear(dim, dim, bias=True)
         self.k = nn.Linear(dim, dim, bias=True)
         self.v = nn.Linear(dim, dim, bias=True)
         self.proj = nn.Linear(dim, dim)
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.norm: nn.Module = nn.BatchNorm1d(dim, eps=BN_EPS) if self.sr_ratio > 1 else nn.Identity()
+        uses_norm = self.sr_ratio > 1 or self.pool_mode == 2
+        self.norm: nn.Module = nn.BatchNorm1d(dim, eps=BN_EPS) if uses_norm else nn.Identity()
 
-    def reduce_kv(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        """Tokens (B, N, C) -> reduced tokens (B, N', C) used for keys and values."""
-        if self.sr_ratio <= 1:
+    def reduce_kv(self, x: torch.Tensor, n0: int, n1: int, n2: int = -1) -> torch.Tensor:
+        """Tokens (B, N, C) of the grid (n0, n1[, n2]) -> reduced tokens (B, N', C) used for keys and values."""
+        grid = [n0, n1] if n2 < 0 else [n0, n1, n2]
+        if self.pool_mode == 2:
+            k = kv_pool_kernel(grid, self.max_kv_tokens)
+        else:
+            k = self.sr_ratio
+        if k <= 1:
             return x
         b, n, c = x.shape
-        if self.pool_2d:
-            grid = x.transpose(1, 2).reshape(b, c, h, w)
-            grid = F.avg_pool2d(grid, self.sr_ratio, self.sr_ratio, ceil_mode=True, count_include_pad=False)
-            seq = grid.flatten(2)
+        if self.pool_mode == 0:
+            kk = 1
+            for _ in grid:
+                kk *= k
+            kk = min(kk, n)
+            seq = F.avg_pool1d(x.transpose(1, 2), kk, kk)
         else:
-            k = min(self.sr_ratio * self.sr_ratio, n)
-            seq = F.avg_pool1d(x.transpose(1, 2), k, k)
+            cube = x.transpose(1, 2).reshape([b, c] + grid)
+            if len(grid) == 2:
+                cube = F.avg_pool2d(cube, k, k, ceil_mode=True, count_include_pad=False)
+            else:
+                cube = F.avg_pool3d(cube, k, k, ceil_mode=True, count_include_pad=False)
+            seq = cube.flatten(2)
         return self.norm(seq).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, n0: int, n1: int, n2: int = -1) -> torch.Tensor:
         b, n, c = x.shape
         q = self.q(x).reshape(b, n, self.num_heads, self.head_dim).permute(0, 2, 1, 3)
-        kv = self.reduce_kv(x, h, w)
+        kv = self.reduce_kv(x, n0, n1, n2)
         m = kv.shape[1]
         k = self.k(kv).reshape(b, m, self.num_heads, self.head_dim).permute(0, 2, 1, 3)
         v = self.v(kv).reshape(b, m, self.num_heads, self.head_dim).permute(0, 2, 1, 3)
@@ -272,26 +343,30 @@ class LTB(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, stride: int = 1, sr_ratio: int = 1,
                  path_dropout: float = 0.0, head_dim: int = 32, mix_block_ratio: float = 0.75,
-                 mlp_ratio: int = 2, attn_drop: float = 0.0, drop: float = 0.0, kv_pool: str = "1d"):
+                 mlp_ratio: int = 2, attn_drop: float = 0.0, drop: float = 0.0, kv_pool: str = "1d",
+                 spatial_dims: int = 2, max_kv_tokens: int = 64):
         super().__init__()
         self.mhsa_out_channels = make_divisible(int(out_channels * mix_block_ratio), 32)
         self.mhca_out_channels = out_channels - self.mhsa_out_channels
-        self.patch_embed = PatchEmbed(in_channels, self.mhsa_out_channels, stride)
-        self.norm1 = nn.BatchNorm2d(self.mhsa_out_channels, eps=BN_EPS)
-        self.e_mhsa = EMHSA(self.mhsa_out_channels, head_dim, sr_ratio, attn_drop, drop, kv_pool)
+        self.patch_embed = PatchEmbed(in_channels, self.mhsa_out_channels, stride, spatial_dims)
+        self.norm1 = _bn(self.mhsa_out_channels, spatial_dims)
+        self.e_mhsa = EMHSA(self.mhsa_out_channels, head_dim, sr_ratio, attn_drop, drop, kv_pool, max_kv_tokens)
         self.mhsa_path_dropout = DropPath(path_dropout * mix_block_ratio)
-        self.projection = PatchEmbed(self.mhsa_out_channels, self.mhca_out_channels, 1)
-        self.mhca = MHCA(self.mhca_out_channels, head_dim)
+        self.projection = PatchEmbed(self.mhsa_out_channels, self.mhca_out_channels, 1, spatial_dims)
+        self.mhca = MHCA(self.mhca_out_channels, head_dim, spatial_dims)
         self.mhca_path_dropout = DropPath(path_dropout * (1.0 - mix_block_ratio))
-        self.norm2 = nn.BatchNorm2d(out_channels, eps=BN_EPS)
-        self.conv = LocalityFeedForward(out_channels, mlp_ratio)
+        self.norm2 = _bn(out_channels, spatial_dims)
+        self.conv = LocalityFeedForward(out_channels, mlp_ratio, spatial_dims)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(x)
-        b, c, h, w = x.shape
+        shape = x.shape
         tokens = self.norm1(x).flatten(2).transpose(1, 2)
-        attn = self.mhsa_path_dropout(self.e_mhsa(tokens, h, w))
-        x = x + attn.transpose(1, 2).reshape(b, c, h, w)
+        if x.dim() == 5:
+            attn = self.e_mhsa(tokens, shape[2], shape[3], shape[4])
+        else:
+            attn = self.e_mhsa(tokens, shape[2], shape[3])
+        x = x + self.mhsa_path_dropout(attn).transpose(1, 2).reshape(shape)
         y = self.projection(x)
         y = y + self.mhca_path_dropout(self.mhca(y))
         x = torch.cat([x, y], dim=1)
@@ -352,11 +427,18 @@ class MedViT(nn.Module):
         stem_channels: the stem's widths (64, 32, 64).
         path_dropout: maximum stochastic-depth rate (linear 0 -> max over all blocks).
         stem_stride: 4 (released), 2 or 1 (small inputs; 1 recommended for 28x28).
-        kv_pool: ``"1d"`` (released raster pooling) or ``"2d"``.
+        kv_pool: E-MHSA key/value reduction, one of :data:`KV_POOLS`; default ``"1d"`` (released
+            raster pooling) in 2-D and ``"adaptive"`` in 3-D.
         pmc_prob, pmc_lambda: Patch Moment Changer probability per batch (0 = off) and label-mix lambda.
         attn_drop, drop: attention / projection dropout inside E-MHSA (0 as released).
         head_dim, mix_block_ratio, sr_ratios, strides: as released (32, 0.75, (8, 4, 2, 1), (1, 2, 2, 2)).
+        spatial_dims: 2 (images) or 3 (volumes: the project's MedViT-3D, spec section 7).
+        max_kv_tokens: key/value length bound of ``kv_pool="adaptive"`` (64).
     """
+
+    #: block classes (ECB, LTB); MedViT-3D's thin subclasses override them
+    block_types: tuple[type, type] = (ECB, LTB)
+    __jit_ignored_attributes__ = ["block_types"]
 
     def __init__(
         self,
@@ -366,7 +448,7 @@ class MedViT(nn.Module):
         stem_channels: Sequence[int] = (64, 32, 64),
         path_dropout: float = 0.1,
         stem_stride: int = 4,
-        kv_pool: str = "1d",
+        kv_pool: str | None = None,
         pmc_prob: float = 0.0,
         pmc_lambda: float = 0.5,
         attn_drop: float = 0.0,
@@ -375,19 +457,25 @@ class MedViT(nn.Module):
         mix_block_ratio: float = 0.75,
         sr_ratios: Sequence[int] = (8, 4, 2, 1),
         strides: Sequence[int] = (1, 2, 2, 2),
+        spatial_dims: int = 2,
+        max_kv_tokens: int = 64,
     ):
         super().__init__()
+        spatial_dims = _check_dims(spatial_dims)
         depths = [int(d) for d in depths]
         if len(depths) != 4 or depths[2] % 5 != 0 or min(depths) < 1:
             raise ValueError(f"depths must be 4 positive ints with depths[2] % 5 == 0, got {depths}")
         if stem_stride not in (1, 2, 4):
             raise ValueError(f"stem_stride must be 1, 2 or 4, got {stem_stride}")
+        if kv_pool is None:
+            kv_pool = "1d" if spatial_dims == 2 else "adaptive"
+        self.spatial_dims = spatial_dims
         s0, s1, s2 = (int(c) for c in stem_channels)
         self.stem = nn.Sequential(
-            ConvBNReLU(in_channels, s0, 2 if stem_stride >= 2 else 1),
-            ConvBNReLU(s0, s1, 1),
-            ConvBNReLU(s1, s2, 1),
-            ConvBNReLU(s2, s2, 2 if stem_stride == 4 else 1),
+            ConvBNReLU(in_channels, s0, 2 if stem_stride >= 2 else 1, spatial_dims),
+            ConvBNReLU(s0, s1, 1, spatial_dims),
+            ConvBNReLU(s1, s2, 1, spatial_dims),
+            ConvBNReLU(s2, s2, 2 if stem_stride == 4 else 1, spatial_dims),
         )
         channels = [
             [96] * depths[0],
@@ -401,6 +489,7 @@ class MedViT(nn.Module):
             ["ecb", "ecb", "ecb", "ecb", "ltb"] * (depths[2] // 5),
             ["ecb"] * (depths[3] - 1) + ["ltb"],
         ]
+        ecb_type, ltb_type = type(self).block_types
         n_blocks = sum(depths)
         dpr = [float(path_dropout) * i / max(1, n_blocks - 1) for i in range(n_blocks)]
         in_ch = s2
@@ -411,27 +500,31 @@ class MedViT(nn.Module):
             for block_id, (out_ch, kind) in enumerate(zip(channels[stage_id], kinds[stage_id])):
                 stride = 2 if strides[stage_id] == 2 and block_id == 0 else 1
                 if kind == "ecb":
-                    blocks.append(ECB(in_ch, out_ch, stride, dpr[idx], head_dim))
+                    blocks.append(ecb_type(in_channels=in_ch, out_channels=out_ch, stride=stride,
+                                           path_dropout=dpr[idx], head_dim=head_dim, spatial_dims=spatial_dims))
                 else:
-                    blocks.append(LTB(in_ch, out_ch, stride, sr_ratios[stage_id], dpr[idx], head_dim,
-                                      mix_block_ratio, 2, attn_drop, drop, kv_pool))
+                    blocks.append(ltb_type(in_channels=in_ch, out_channels=out_ch, stride=stride,
+                                           sr_ratio=sr_ratios[stage_id], path_dropout=dpr[idx], head_dim=head_dim,
+                                           mix_block_ratio=mix_block_ratio, mlp_ratio=2, attn_drop=attn_drop,
+                                           drop=drop, kv_pool=kv_pool, spatial_dims=spatial_dims,
+                                           max_kv_tokens=max_kv_tokens))
                 in_ch = out_ch
                 idx += 1
             stages.append(nn.Sequential(*blocks))
         self.stage1, self.stage2, self.stage3, self.stage4 = stages
         self.pmc = PatchMomentChanger(pmc_prob, pmc_lambda)
         self.num_features = in_ch
-        self.norm = nn.BatchNorm2d(in_ch, eps=BN_EPS)
+        self.norm = _bn(in_ch, spatial_dims)
         self.proj_head = nn.Linear(in_ch, num_classes)
         self.apply(self._init_weights)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, (nn.Linear, nn.Conv2d)):
+        if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv3d)):
             nn.init.trunc_normal_(m.weight, std=0.02)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d, nn.LayerNorm, nn.GroupNorm)):
+        elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm)):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
@@ -465,7 +558,7 @@ class MedViT(nn.Module):
         x = self.stage2(x)
         x = self.stage3(x)
         x = self.stage4(x)
-        return self.norm(x).mean(dim=(2, 3))
+        return self.norm(x).flatten(2).mean(dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.proj_head(self.forward_features(x))
