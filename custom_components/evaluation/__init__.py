@@ -1,0 +1,1 @@
+"""Evaluations beyond the standard metrics: adversarial attacks and the robustness report."""
