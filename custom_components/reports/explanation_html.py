@@ -58,7 +58,7 @@ INIT_ORDER: tuple[str, ...] = ("random", "sup", "dino", "mae")
 # Metric keys containing one of these words are better when smaller (deletion: the model's score
 # should drop fast when the most relevant pixels are removed).
 LOWER_IS_BETTER_WORDS: tuple[str, ...] = ("deletion",)
-DISPLAY_PX = 160  # on-screen size of every panel; the PNGs keep the native resolution
+DISPLAY_PX = 144  # on-screen size of every panel; the PNGs keep the native resolution
 
 # Control points (position, r, g, b) of a turbo-like colormap: dark blue -> cyan -> green ->
 # yellow -> red. Written for this report; interpolated linearly into a 256-entry table.
@@ -237,7 +237,8 @@ def select_examples(runs: Sequence[ExplanationRun], n_examples: int, seed: int =
     """Image keys present in every run: annotated positives first, then annotated, then positives.
 
     Within a group the choice is a seeded shuffle of the sorted keys (deterministic, and not biased
-    towards the first images of the dataset); the result is in the first run's order.
+    towards the first images of the dataset); the result is listed group by group, each group in the
+    first run's order.
     """
     ref = runs[0]
     common = set(item["image"] for item in ref.items)
@@ -256,7 +257,7 @@ def select_examples(runs: Sequence[ExplanationRun], n_examples: int, seed: int =
         return (0 if positive else 1) if annotated else (2 if positive else 3)
 
     chosen = sorted(keys, key=lambda k: (group(k), rank[k]))[:n_examples]
-    return sorted(chosen, key=ref.position)
+    return sorted(chosen, key=lambda k: (group(k), ref.position(k)))
 
 
 # --------------------------------------------------------------------------- images
@@ -301,7 +302,7 @@ def mask_overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 def _png_data_uri(rgb: np.ndarray) -> str:
     buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8), mode="RGB").save(buf, format="PNG")
+    Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8))  # (H, W, 3) uint8 -> RGB.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -416,7 +417,7 @@ def _caption(run: ExplanationRun, i: int) -> str:
     parts = [
         f"label {_e(item.get('label', 'n/a'))}",
         f"pred {_e(item.get('pred', 'n/a'))}",
-        f"p = {prob:.3f}" if prob is not None else "p = n/a",
+        f"prob {prob:.3f}" if prob is not None else "prob n/a",
     ]
     mask = "annotated" if run.has_mask(i) else "no mask"
     return (
@@ -482,7 +483,8 @@ dl.meta dt { color: var(--muted); } dl.meta dd { margin: 0; }
 table { border-collapse: collapse; }
 table.runs td, table.runs th { padding: .15rem .6rem; border-bottom: 1px solid var(--line); text-align: left; }
 table.metrics { font-variant-numeric: tabular-nums; }
-table.metrics th, table.metrics td { border-bottom: 1px solid var(--line); padding: .25rem .55rem; text-align: right; }
+table.metrics th, table.metrics td { border-bottom: 1px solid var(--line); padding: .25rem .5rem; text-align: right;
+                                     white-space: nowrap; }
 table.metrics td:nth-child(-n+2), table.metrics th:nth-child(-n+2) { text-align: left; }
 table.metrics thead th { position: sticky; top: 0; background: #f3f5f8; white-space: nowrap; }
 table.metrics th button { font: inherit; font-weight: 600; background: none; border: 0; padding: 0; cursor: pointer; color: inherit; }
@@ -497,7 +499,7 @@ table.metrics tbody tr:hover { background: #f7f9fc; }
 table.grid caption { text-align: left; color: var(--muted); padding-bottom: .3rem; }
 table.grid th, table.grid td { padding: 3px; vertical-align: top; }
 table.grid thead th { font-weight: 600; text-align: center; }
-table.grid tbody th { text-align: left; font-weight: normal; width: 12rem; max-width: 12rem; overflow-wrap: anywhere; }
+table.grid tbody th { text-align: left; font-weight: normal; min-width: 9rem; max-width: 12rem; overflow-wrap: break-word; }
 table.grid .name { display: block; font-weight: 600; } table.grid .info { display: block; color: var(--muted); }
 table.grid img { display: block; border-radius: 2px; }
 table.grid.pixelated img { image-rendering: pixelated; }
@@ -653,7 +655,8 @@ def write_explanation_report(
         '<section id="metrics"><h2>Explanation metrics</h2>\n'
         "<p>One row per initialisation and method. Click a column header (or focus it and press Enter) to sort; "
         "click again to reverse. The best value of each metric column is highlighted "
-        "(&uarr; higher is better, &darr; lower is better).</p>\n" + _metric_table(loaded) + "</section>"
+        "(&uarr; higher is better, &darr; lower is better).</p>\n"
+        '<div class="scroll">' + _metric_table(loaded) + "</div></section>"
     )
     examples = (
         '<section id="examples"><h2>Examples</h2>\n'
