@@ -302,7 +302,8 @@ def mask_overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 def _png_data_uri(rgb: np.ndarray) -> str:
     buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8))  # (H, W, 3) uint8 -> RGB.save(buf, format="PNG")
+    # (H, W, 3) uint8 is read as RGB
+    Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)).save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
