@@ -2,8 +2,10 @@
 
 Covers: train 2 epochs + evaluate (official ACC/AUC in the metrics JSON) + inference CSV,
 TensorBoard content, verify_metadata, verify_net_in_out (MedViT-T at 224), ckpt_export
-(TorchScript equals eager), torchrun with 2 CPU processes. Uses configs/demo.json (28x28,
-stem stride 2, a shallow MedViT) so that the file runs in about a minute on 2 CPU cores.
+(TorchScript equals eager), torchrun with 2 CPU processes, accuracy under FGSM / PGD
+(configs/evaluate_robustness.json), resume after a killed training, pack -> download -> run, and
+one clear error line for broken MedMNIST files. Uses configs/demo.json (28x28, stem stride 2, a
+shallow MedViT) so that the file runs in about two minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -21,6 +23,13 @@ from custom_components.io import load_checkpoint
 
 from bundle_utils import REPO, SCHEMA, config_arg
 from bundle_utils import run as _run
+from medmnist_bundle_checks import (
+    BAD_INPUTS,
+    bad_input_gives_one_clear_error,
+    killed_training_resumes,
+    packed_bundle_downloads_and_runs,
+    robustness_report,
+)
 
 BUNDLE = REPO / "bundles" / "medvit_medmnist2d"
 N_SPLITS = (48, 16, 20)
@@ -125,6 +134,24 @@ def test_torchrun_two_cpu_processes(tmp_path, twin):
     assert (tmp_path / "models" / "model.pt").is_file()
     assert load_checkpoint(tmp_path / "models" / "last.pt")["trainer"]["epoch"] == 1
     assert len(list((tmp_path / "eval" / "tensorboard").glob("events.out.tfevents.*"))) == 1
+
+
+def test_accuracy_under_fgsm_and_pgd(trained, twin):
+    report = robustness_report(BUNDLE, cmd, trained, twin, N_SPLITS[2])
+    assert report["task"] == "binary" and report["extra"]["image_size"] == 28
+
+
+def test_killed_training_resumes_from_last_checkpoint(tmp_path, twin):
+    killed_training_resumes(BUNDLE, cmd, tmp_path / "root", twin)
+
+
+def test_packed_bundle_downloads_and_runs(tmp_path, twin):
+    packed_bundle_downloads_and_runs("medvit_medmnist2d", cmd, tmp_path, twin)
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_gives_one_clear_error(case, tmp_path, twin):
+    bad_input_gives_one_clear_error(BUNDLE, cmd, case, twin / "breastmnist.npz", tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------

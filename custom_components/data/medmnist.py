@@ -130,7 +130,10 @@ class MedMNISTDataset(Dataset):
         info = self.info
         dim, channels = info["dim"], info["n_channels"]
         if images.dtype != np.uint8:
-            raise InputDataError(self.path, f"key {img_key!r}: expected uint8 images, got {images.dtype}")
+            detail = ""
+            if np.issubdtype(images.dtype, np.floating) and not np.isfinite(images).all():
+                detail = " holding NaN/inf values"
+            raise InputDataError(self.path, f"key {img_key!r}: expected uint8 images (0..255), got {images.dtype}{detail}")
         if dim == 2:
             ok = (images.ndim == 3 and channels == 1) or (images.ndim == 4 and images.shape[-1] == channels == 3)
             expected = "(N, H, W)" if channels == 1 else "(N, H, W, 3)"
