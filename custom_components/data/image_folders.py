@@ -68,6 +68,8 @@ __all__ = [
     "rasterise_boxes",
     "check_disjoint",
     "ImageFolderDataset",
+    "DATALIST_BUILDERS",
+    "prepare_datalist",
 ]
 
 KVASIR_CLASSES = (
@@ -519,11 +521,15 @@ class ImageFolderDataset(Dataset):
         label_dtype: ``"float"`` -> label (1,) float32 (BCE / single logit); ``"long"`` -> label
             0-d int64 (cross-entropy over a 2-logit head).
         transform: callable applied to each item dict.
+        always_mask: give every item a ``"mask"`` (zeros where the entry has no annotation) and a
+            ``"has_mask"`` bool, so that batches of partly annotated splits collate.
 
     Items: ``{"image": (3, S, S) float32, "label": ..., "case": str, "image_path": str}`` plus
     ``"mask": (1, S, S) float32`` 0/1 when the entry has ``"mask"`` (PNG, non-zero = 1) or
     ``"boxes"`` (rasterised at the original size). Images are converted to RGB (grey repeated),
-    resized bilinearly with PIL; masks take the same geometry with nearest interpolation.
+    resized bilinearly with PIL; masks take the same geometry with nearest interpolation. A mask
+    PNG of exactly ``image_size``² for an image of another size is taken as already drawn on the
+    network input (the study's ``224_mask_annot`` masks) and used as it is.
     """
 
     def __init__(
@@ -537,6 +543,7 @@ class ImageFolderDataset(Dataset):
         resize_short: int | None = None,
         normalize: str = "imagenet",
         label_dtype: str = "float",
+        always_mask: bool = False,
     ):
         if isinstance(datalist, (str, os.PathLike)):
             path = Path(datalist)
@@ -569,11 +576,17 @@ class ImageFolderDataset(Dataset):
         self.normalize = normalize
         self.label_dtype = label_dtype
         self.transform = transform
+        self.always_mask = bool(always_mask)
         self._mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
         self._std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    @property
+    def labels(self) -> list[int]:
+        """Labels of all entries without reading any image (used to pick display examples)."""
+        return [int(e["label"]) for e in self.entries]
 
     def _apply(self, im: Image.Image, resample: int) -> Image.Image:
         new, (left, top) = _geometry(im.size, self.image_size, self.resize_mode, self.resize_short)
@@ -608,14 +621,46 @@ class ImageFolderDataset(Dataset):
                     m = np.asarray(m.convert("L")) if m.mode not in ("L", "1", "I", "I;16", "F") else np.asarray(m)
             except (OSError, ValueError) as err:
                 raise InputDataError(mpath, f"cannot read mask ({type(err).__name__}: {err})") from err
-            if m.shape[:2] != (size[1], size[0]):
-                raise InputDataError(mpath, f"mask size {m.shape[1]}x{m.shape[0]} != image size {size[0]}x{size[1]}")
-            mask_img = Image.fromarray((m != 0).astype(np.uint8))
+            binary = (m != 0).astype(np.uint8)
+            if m.shape[:2] == (self.image_size, self.image_size) and size != (self.image_size, self.image_size):
+                item["mask"] = torch.from_numpy(binary.astype(np.float32))[None]  # drawn on the network input
+            elif m.shape[:2] != (size[1], size[0]):
+                raise InputDataError(mpath, f"mask size {m.shape[1]}x{m.shape[0]} != image size {size[0]}x{size[1]}"
+                                            f" (nor the network input size {self.image_size}x{self.image_size})")
+            else:
+                mask_img = Image.fromarray(binary)
         elif "boxes" in e:
             mask_img = Image.fromarray(rasterise_boxes(e["boxes"], size))
         if mask_img is not None:
             m = np.asarray(self._apply(mask_img, Image.NEAREST), dtype=np.float32)
             item["mask"] = torch.from_numpy(m.copy())[None]
+        if self.always_mask:
+            item["has_mask"] = "mask" in item
+            item.setdefault("mask", torch.zeros(1, self.image_size, self.image_size))
         if self.transform is not None:
             item = self.transform(item)
         return item
+
+
+# --------------------------------------------------------------------------- bundles
+
+DATALIST_BUILDERS: dict[str, Callable[..., dict[str, list[dict]]]] = {
+    "kvasir": kvasir_datalist,
+    "mura": mura_datalist,
+    "cp_child": cp_child_datalist,
+    "duke": duke_datalist,
+}
+
+
+def prepare_datalist(dataset: str, root: str | os.PathLike, out: str | os.PathLike, **kwargs: Any) -> Path:
+    """Build the datalist of ``dataset`` (a key of :data:`DATALIST_BUILDERS`) and write it to ``out``.
+
+    Deterministic for fixed arguments, so every bundle run (and every rank) rebuilds the same
+    splits; the keyword arguments go to the builder (``masks_dir``, ``boxes_json``, ``seed``, ...).
+    """
+    if dataset not in DATALIST_BUILDERS:
+        raise ValueError(f"dataset must be one of {sorted(DATALIST_BUILDERS)}, got {dataset!r}")
+    datalist = DATALIST_BUILDERS[dataset](root, **{k: v for k, v in kwargs.items() if v is not None})
+    if not datalist["test"] and not datalist["training"]:
+        raise InputDataError(root, f"no {dataset} images found")
+    return write_datalist(datalist, out)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from custom_components.io import InputDataError, load_checkpoint
 
-__all__ = ["load_pretrained_vit", "map_state_dict"]
+__all__ = ["load_pretrained_vit", "map_state_dict", "check_init", "STUDY_INITS"]
 
 logger = logging.getLogger(__name__)
 
@@ -100,3 +100,25 @@ def load_pretrained_vit(model: torch.nn.Module, path: str | Path, strict_backbon
             path, f"does not fit the network: missing {missing[:8]}, unexpected {list(result.unexpected_keys)[:8]}"
         )
     return {"missing_keys": list(result.missing_keys), "unexpected_keys": list(result.unexpected_keys)}
+
+
+#: initialisations of the attention-map study (spec explanations.md section 8)
+STUDY_INITS = ("random", "sup", "dino", "mae")
+
+
+def check_init(init: str, pretrained_path: str | Path | None) -> None:
+    """Check that the initialisation name and the checkpoint path agree before a long run starts.
+
+    ``random`` trains from scratch and takes no file; ``sup`` (timm ImageNet), ``dino`` and
+    ``mae`` need their local checkpoint file (weights cannot be downloaded at run time).
+    """
+    if init not in STUDY_INITS:
+        raise ValueError(f"init must be one of {STUDY_INITS}, got {init!r}")
+    if init == "random":
+        if pretrained_path:
+            raise ValueError(f"init 'random' trains from scratch but pretrained_path={str(pretrained_path)!r} is set")
+        return
+    if not pretrained_path:
+        raise InputDataError(f"init {init!r}", "needs a local checkpoint file: pass --pretrained_path FILE")
+    if not Path(pretrained_path).is_file():
+        raise InputDataError(pretrained_path, f"checkpoint for init {init!r} does not exist")

@@ -1,0 +1,69 @@
+"""Per-image predictions of a classification evaluator as one CSV (the inference workflow)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import ignite.distributed as idist
+import torch
+from ignite.engine import Engine, Events
+
+from custom_components.io import atomic_write_text
+
+__all__ = ["PredictionCSVWriter"]
+
+
+class PredictionCSVWriter:
+    """Collect ``id_key`` and the class probabilities of every batch; write ``path`` when the run ends.
+
+    Rows: ``<id_key>, label, pred, prob_0 .. prob_{C-1}`` (softmax of C >= 2 logits, or ``prob_1`` =
+    sigmoid of a single logit), written atomically. Single-process inference (on several ranks each
+    writes ``path`` with a ``.rank<N>`` suffix before the extension). Needs an evaluator with
+    ``decollate=False`` (batched ``engine.state.batch`` / ``output``).
+    """
+
+    def __init__(self, path: str | os.PathLike, id_key: str = "image_path", label_key: str = "label") -> None:
+        self.path = Path(path)
+        self.id_key = id_key
+        self.label_key = label_key
+        self._ids: list[str] = []
+        self._rows: list[torch.Tensor] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.COMPLETED, self._write)
+
+    def _reset(self, engine: Engine) -> None:
+        self._ids, self._rows = [], []
+
+    def _collect(self, engine: Engine) -> None:
+        ids: Sequence[Any] = engine.state.batch[self.id_key]
+        logits = engine.state.output["pred"].detach().float().cpu()
+        logits = logits.reshape(logits.shape[0], -1)
+        probs = torch.softmax(logits, 1) if logits.shape[1] > 1 else torch.sigmoid(logits)
+        labels = torch.as_tensor(engine.state.batch[self.label_key]).reshape(len(ids), -1)[:, :1].float().cpu()
+        self._ids.extend(str(i) for i in ids)
+        self._rows.append(torch.cat([labels, probs], 1))
+
+    def _write(self, engine: Engine) -> None:
+        rows = torch.cat(self._rows) if self._rows else torch.zeros(0, 2)
+        ids = self._ids
+        path = self.path
+        if idist.get_world_size() > 1:
+            path = path.with_name(f"{path.stem}.rank{idist.get_rank()}{path.suffix}")
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        n_prob = rows.shape[1] - 1
+        names = ["prob_1"] if n_prob == 1 else [f"prob_{c}" for c in range(n_prob)]
+        w.writerow([self.id_key, "label", "pred", *names])
+        for key, row in zip(ids, rows.tolist()):
+            probs = row[1:]
+            pred = int(probs[0] > 0.5) if n_prob == 1 else max(range(n_prob), key=probs.__getitem__)
+            w.writerow([key, int(row[0]), pred, *[f"{p:.6f}" for p in probs]])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(buf.getvalue(), path)

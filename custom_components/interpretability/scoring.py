@@ -1,0 +1,259 @@
+"""Score stored explanation maps against ground truth: the ``evaluate_explanations.json`` workflow.
+
+Spec ``explanations.md`` section 7. On the images with a non-empty ground-truth mask:
+
+* ``pointing_game``: hit iff any pixel at the map's global maximum lies inside the mask;
+* ``iou_top{k}`` for k in ``ks`` (5, 10, 20, 40): IoU of the rectangle around the top-k % pixels
+  with the mask (the study's ``binarize_inter_map`` + ``binary_map_to_rect_mask``);
+* ``energy_pointing_game``: fraction of the map's mass inside the mask (beyond the study).
+
+On the images of the target class (annotated or not), with the network (beyond the study;
+Petsiuk et al., RISE, BMVC 2018): ``deletion_auc`` (lower is better) and ``insertion_auc``
+(higher is better) of the target-class probability while the most relevant pixels are replaced
+by ``baseline`` (``"black"``: 0 in [0, 1] image space, as Chefer's perturbation test; ``"mean"``:
+the normalisation mean, i.e. 0 after normalisation) in ``faithfulness_steps`` equal steps;
+``faithfulness_steps = 0`` skips them.
+
+Ground truth: the masks stored by ``explain.json`` (from the datalist), or, when ``masks_dir`` /
+``boxes_json`` is given, masks named like the images / boxes keyed by relative image path, brought
+to the network input geometry exactly as the images are. Outputs in the run folder (atomic):
+``explanation_metrics.json`` (means per method, counts), ``explanation_metrics.md`` and
+``explanation_scores.csv`` (one row per image and method).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from custom_components.data.image_folders import IMAGENET_MEAN, IMAGENET_STD, ImageFolderDataset, _attach_masks
+from custom_components.interpretability.writer import EXPLANATIONS_DIR, load_network_weights
+from custom_components.io import InputDataError, atomic_save_json, atomic_write_text
+from custom_components.metrics.map_quality import (
+    deletion_insertion_auc,
+    energy_pointing_game,
+    pointing_game_hits,
+    topk_box_iou,
+)
+
+__all__ = ["load_explanations", "score_explanations", "LOCALISATION_KS"]
+
+LOCALISATION_KS = (5.0, 10.0, 20.0, 40.0)
+
+
+def load_explanations(run_dir: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """(index, maps per method, images, masks) of a run folder, memory-mapped and checked against the index."""
+    folder = Path(run_dir) / EXPLANATIONS_DIR
+    index_path = folder / "index.json"
+    if not index_path.is_file():
+        raise InputDataError(index_path, "no explanations here (run the explain workflow first)")
+    try:
+        index = json.loads(index_path.read_text())
+        items, methods, size = index["items"], index["methods"], int(index["image_size"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputDataError(index_path, f"not a valid explanation index ({type(e).__name__}: {e})") from e
+
+    def load(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+        if not path.is_file():
+            raise InputDataError(path, "file listed by index.json is missing")
+        try:
+            arr = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise InputDataError(path, f"cannot read array ({type(e).__name__}: {e})") from e
+        if arr.shape != shape:
+            raise InputDataError(path, f"shape {arr.shape} does not match index.json (expected {shape})")
+        return arr
+
+    n = len(items)
+    maps = {m: load(folder / "maps" / f"{m}.npy", (n, size, size)) for m in methods}
+    images = load(folder / "images.npy", (n, size, size, 3))
+    masks = load(folder / "masks.npy", (n, size, size))
+    return index, maps, images, masks
+
+
+def _override_masks(index: dict, root: str | os.PathLike, masks_dir: Any, boxes_json: Any, geometry: dict) -> np.ndarray:
+    """Ground truth from a masks folder / boxes JSON, in the network input geometry, (N, S, S) uint8."""
+    root = Path(root)
+    entries = [{"image": it["image"], "label": it["label"], "case": it["case"]} for it in index["items"]]
+    _attach_masks(entries, root, masks_dir, boxes_json, None)
+    annotated = [e for e in entries if "mask" in e or "boxes" in e]
+    size = int(index["image_size"])
+    out = np.zeros((len(entries), size, size), dtype=np.uint8)
+    if not annotated:
+        return out
+    ds = ImageFolderDataset(annotated, root, image_size=size, normalize="none", always_mask=True, **geometry)
+    position = {e["image"]: i for i, e in enumerate(entries)}
+    for j in range(len(ds)):
+        item = ds[j]
+        out[position[annotated[j]["image"]]] = (item["mask"][0] > 0.5).numpy()
+    return out
+
+
+def _mean(values: Sequence[float]) -> float:
+    return float(np.mean(values)) if len(values) else float("nan")
+
+
+def score_explanations(
+    run_dir: str | os.PathLike,
+    ks: Sequence[float] = LOCALISATION_KS,
+    network: torch.nn.Module | None = None,
+    dataset: Any = None,
+    checkpoint: str | os.PathLike | None = None,
+    faithfulness_steps: int = 10,
+    baseline: str = "black",
+    batch_size: int = 16,
+    device: str | torch.device = "cpu",
+    masks_dir: str | os.PathLike | None = None,
+    boxes_json: str | os.PathLike | None = None,
+    dataset_dir: str | os.PathLike | None = None,
+    geometry: dict | None = None,
+    progress: bool = True,
+) -> dict:
+    """Score every method of a run folder; writes and returns the summary.
+
+    Args:
+        run_dir: folder with ``explanations/`` (written by :func:`write_explanations`).
+        ks: top-k % values of the IoU protocol (each in (0, 100)).
+        network, dataset, checkpoint: the classifier, the dataset the maps were made from (same
+            split and order; normalised network input) and its weights, for deletion/insertion.
+            Without a network the faithfulness metrics are skipped.
+        masks_dir, boxes_json: replace the stored ground truth (paths relative to ``dataset_dir``
+            unless absolute); ``geometry``: ``resize_mode`` / ``resize_short`` of the images.
+    """
+    for k in ks:
+        if not 0.0 < float(k) < 100.0:
+            raise ValueError(f"top-k % values must be in (0, 100), got {k}")
+    if baseline not in ("black", "mean"):
+        raise ValueError(f"baseline must be 'black' or 'mean', got {baseline!r}")
+    index, maps, _, masks = load_explanations(run_dir)
+    target = int(index["target"])
+    items = index["items"]
+    n = len(items)
+    gt_source = "explain (datalist masks)"
+    if masks_dir is not None or boxes_json is not None:
+        if dataset_dir is None:
+            raise ValueError("dataset_dir is needed to resolve masks_dir / boxes_json")
+        masks = _override_masks(index, dataset_dir, masks_dir, boxes_json, geometry or {})
+        gt_source = ", ".join(str(p) for p in (masks_dir, boxes_json) if p is not None)
+    annotated = [i for i in range(n) if masks[i].any()]
+    positives = [i for i in range(n) if items[i]["label"] == target]
+    metric_names = ["pointing_game", *[f"iou_top{float(k):g}" for k in ks], "energy_pointing_game"]
+    per_image: dict[str, dict[str, list[float]]] = {m: {k: [math.nan] * n for k in metric_names} for m in maps}
+    for method, arr in maps.items():
+        for s in range(0, len(annotated), batch_size):
+            idx = annotated[s:s + batch_size]
+            m = torch.from_numpy(np.asarray(arr[idx], dtype=np.float32))
+            g = torch.from_numpy(np.asarray(masks[idx]))
+            scores = {"pointing_game": pointing_game_hits(m, g).float(), "energy_pointing_game": energy_pointing_game(m, g)}
+            for k in ks:
+                scores[f"iou_top{float(k):g}"] = topk_box_iou(m, g, float(k))
+            for name, vals in scores.items():
+                for i, v in zip(idx, vals.tolist()):
+                    per_image[method][name][i] = v
+
+    faithful = network is not None and dataset is not None and faithfulness_steps > 0 and positives
+    if faithful:
+        _faithfulness(index, maps, positives, per_image, network, dataset, checkpoint, int(faithfulness_steps),
+                      baseline, batch_size, torch.device(device), progress)
+        metric_names += ["deletion_auc", "insertion_auc"]
+
+    summary = {
+        "dataset": index.get("dataset", ""),
+        "init": index.get("init", ""),
+        "split": index.get("split", ""),
+        "target": target,
+        "n_images": n,
+        "n_annotated": len(annotated),
+        "n_target_class": len(positives),
+        "ground_truth": gt_source,
+        "faithfulness": {"steps": int(faithfulness_steps), "baseline": baseline} if faithful else None,
+        "metrics": {
+            m: {k: _mean([v for i, v in enumerate(per_image[m][k]) if not math.isnan(v)]) for k in metric_names}
+            for m in maps
+        },
+    }
+    out = Path(run_dir)
+    atomic_save_json(summary, out / "explanation_metrics.json")
+    atomic_write_text(_markdown(summary, metric_names), out / "explanation_metrics.md")
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["image", "label", "has_mask", "method", *metric_names])
+    annotated_set = set(annotated)
+    for m in maps:
+        for i, it in enumerate(items):
+            w.writerow([it["image"], it["label"], int(i in annotated_set), m,
+                        *["" if math.isnan(per_image[m][k][i]) else f"{per_image[m][k][i]:.6f}" for k in metric_names]])
+    atomic_write_text(buf.getvalue(), out / "explanation_scores.csv")
+    return summary
+
+
+def _faithfulness(index, maps, positives, per_image, network, dataset, checkpoint, steps, baseline, batch_size,
+                  device, progress) -> None:
+    """Deletion / insertion AUC of the target class for the target-class images, in place into ``per_image``."""
+    items = index["items"]
+    if len(dataset) != len(items):
+        raise InputDataError(index.get("split", "dataset"), f"dataset has {len(dataset)} items but the explanations "
+                                                            f"{len(items)}: explain and evaluate use different data")
+    if checkpoint is not None:
+        load_network_weights(network, checkpoint)
+    network = network.to(device)
+    was_training = network.training
+    network.eval()
+    for method in maps:
+        for mode in ("deletion", "insertion"):
+            per_image[method][f"{mode}_auc"] = [math.nan] * len(items)
+    base = 0.0
+    if baseline == "black":
+        base = ((0.0 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)).view(1, 3, 1, 1).to(device)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(positives), desc="deletion/insertion", unit="img")
+    try:
+        for s in range(0, len(positives), batch_size):
+            idx = positives[s:s + batch_size]
+            batch = [dataset[i] for i in idx]
+            for i, it in zip(idx, batch):
+                if it["image_path"] != items[i]["image"]:
+                    raise InputDataError(it["image_path"], f"item {i} is {items[i]['image']!r} in the explanations: "
+                                                           "explain and evaluate use different data")
+            images = torch.stack([it["image"] for it in batch]).to(device)
+            with torch.no_grad():
+                for method, arr in maps.items():
+                    m = torch.from_numpy(np.asarray(arr[idx], dtype=np.float32)).to(device)
+                    for mode in ("deletion", "insertion"):
+                        auc = deletion_insertion_auc(network, images, m, target=int(index["target"]), steps=steps,
+                                                     baseline=base, mode=mode)
+                        for i, v in zip(idx, auc.tolist()):
+                            per_image[method][f"{mode}_auc"][i] = v
+            if bar is not None:
+                bar.update(len(idx))
+    finally:
+        network.train(was_training)
+        if bar is not None:
+            bar.close()
+
+
+def _markdown(summary: dict, metric_names: Sequence[str]) -> str:
+    lines = [
+        f"# Explanation quality: {summary['dataset']} / {summary['init']} ({summary['split']} split, target class "
+        f"{summary['target']})",
+        "",
+        f"{summary['n_annotated']} annotated of {summary['n_images']} images (ground truth: {summary['ground_truth']}); "
+        f"deletion/insertion on the {summary['n_target_class']} target-class images.",
+        "",
+        "| method | " + " | ".join(metric_names) + " |",
+        "|---|" + "---|" * len(metric_names),
+    ]
+    for m, vals in summary["metrics"].items():
+        lines.append(f"| {m} | " + " | ".join("n/a" if math.isnan(vals[k]) else f"{vals[k]:.4f}" for k in metric_names) + " |")
+    return "\n".join(lines) + "\n"
