@@ -63,9 +63,10 @@ def lrp_linear(x: torch.Tensor, weight: torch.Tensor, relevance: torch.Tensor, e
     """
     pw, nw = weight.clamp(min=0), weight.clamp(max=0)
     px, nx = x.clamp(min=0), x.clamp(max=0)
-    z = px @ pw.T + nx @ nw.T  # >= 0: the positive (sign-consistent) pre-activation
+    # in-place accumulation on the fresh matmul products: same values, no extra full-size temporaries
+    z = torch.matmul(px, pw.T).add_(torch.matmul(nx, nw.T))  # >= 0: the sign-consistent pre-activation
     s = safe_divide(relevance, z, eps)
-    return px * (s @ pw) + nx * (s @ nw)
+    return torch.matmul(s, pw).mul_(px).add_(torch.matmul(s, nw).mul_(nx))
 
 
 def lrp_matmul(
@@ -77,8 +78,8 @@ def lrp_matmul(
     halving (default) conserves the total.
     """
     s = safe_divide(relevance, u @ v, eps)
-    ru = u * (s @ v.transpose(-2, -1))
-    rv = v * (u.transpose(-2, -1) @ s)
+    ru = torch.matmul(s, v.transpose(-2, -1)).mul_(u)
+    rv = torch.matmul(u.transpose(-2, -1), s).mul_(v)
     if halve:  # in place: fresh products, and no autograd through the relevance pass
         ru, rv = ru.div_(2), rv.div_(2)
     return ru, rv
@@ -102,7 +103,7 @@ def lrp_residual_add(
     total = sa.abs() + sb.abs()
     fa = safe_divide(sa.abs(), total, eps) * sr
     fb = safe_divide(sb.abs(), total, eps) * sr
-    return ra * safe_divide(fa, sa, eps), rb * safe_divide(fb, sb, eps)
+    return ra.mul_(safe_divide(fa, sa, eps)), rb.mul_(safe_divide(fb, sb, eps))
 
 
 def target_index(logits: torch.Tensor, target=None) -> torch.Tensor:
@@ -180,7 +181,7 @@ def _block_relprop(blk: nn.Module, acts: dict, attn: torch.Tensor, relevance: to
     r_skip, r_mlp = lrp_residual_add(acts["x_mid"], acts["mlp_out"], relevance, eps)
     r_g = lrp_linear(acts["g"], blk.mlp.fc2.weight.detach(), r_mlp, eps)  # fc2; GELU/dropout: identity
     r_h2 = lrp_linear(acts["h2"], blk.mlp.fc1.weight.detach(), r_g, eps)  # fc1; norm2: identity
-    relevance = r_skip + r_h2  # clone
+    relevance = r_skip.add_(r_h2)  # clone
     # x_mid = x_in + proj(attn(norm1(x_in)))
     r_skip, r_attn = lrp_residual_add(acts["x_in"], acts["attn_out"], relevance, eps)
     r_o = lrp_linear(acts["o"], blk.attn.proj.weight.detach(), r_attn, eps)
@@ -196,7 +197,7 @@ def _block_relprop(blk: nn.Module, acts: dict, attn: torch.Tensor, relevance: to
     r_k = r_kt.transpose(-2, -1)
     r_qkv = torch.stack([r_q, r_k, r_v], dim=0).permute(1, 3, 0, 2, 4).reshape(b, s, 3 * d)
     r_h1 = lrp_linear(acts["h1"], blk.attn.qkv.weight.detach(), r_qkv, eps)  # qkv; norm1: identity
-    return r_skip + r_h1, r_a
+    return r_skip.add_(r_h1), r_a
 
 
 class TransformerAttribution(Explainer):
