@@ -124,8 +124,29 @@ def mura(
     return str(root)
 
 
+def vit_checkpoints(
+    output_dir: str,
+    img_size: int = 224,
+    patch_size: int = 16,
+    hidden_size: int = 768,
+    num_layers: int = 12,
+    num_heads: int = 12,
+    mlp_dim: int = 3072,
+    seed: int = 0,
+) -> str:
+    """Stand-in sup / DINO / MAE ViT checkpoints (random weights, released key layouts) for demos and tests."""
+    from custom_components.data.synthetic import write_standin_vit_checkpoints
+
+    paths = write_standin_vit_checkpoints(output_dir, img_size=int(img_size), patch_size=int(patch_size),
+                                          hidden_size=int(hidden_size), num_layers=int(num_layers),
+                                          num_heads=int(num_heads), mlp_dim=int(mlp_dim), seed=int(seed))
+    for init, path in paths.items():
+        print(f"{init}: {path}")
+    return str(output_dir)
+
+
 COMMANDS = {"brats20": brats20, "lits17": lits17, "medmnist2d": medmnist2d, "medmnist3d": medmnist3d,
-            "kvasir": kvasir, "mura": mura}
+            "kvasir": kvasir, "mura": mura, "vit_checkpoints": vit_checkpoints}
 
 
 def main(argv: list[str] | None = None) -> int:

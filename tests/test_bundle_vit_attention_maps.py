@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from custom_components.data.synthetic import write_kvasir_twin, write_mura_twin
+from custom_components.data.synthetic import write_kvasir_twin, write_mura_twin, write_standin_vit_checkpoints
 from custom_components.io import load_checkpoint
 
 from bundle_utils import REPO, SCHEMA, config_arg, subprocess_env
@@ -140,26 +140,11 @@ def test_explain_then_evaluate_explanations(trained):
     assert summary["metrics"]["gradcam"]["iou_top10"] == pytest.approx(np.mean(ious), abs=1e-6)
     with open(root / "eval" / "random" / "explanation_scores.csv") as f:
         assert len(list(csv.DictReader(f))) == n * len(METHODS)
-
-
-def _checkpoint(kind: str, tmp_path: Path) -> tuple[Path, dict]:
-    """A local checkpoint in the released layout of ``kind`` for the demo-size ViT, and its backbone."""
-    from custom_components.networks import AttributionViT
-
-    src = AttributionViT(img_size=32, patch_size=8, num_classes=1000, hidden_size=64, num_layers=2, num_heads=4,
-                         mlp_dim=128, pos_embed="learnable")  # fmt: skip
-    backbone = {k: v.clone() for k, v in src.state_dict().items() if not k.startswith("head")}
-    state = dict(src.state_dict())
-    if kind == "dino":  # full DINO checkpoint: teacher weights under "backbone.", no classifier
-        ckpt = {"teacher": {f"backbone.{k}": v for k, v in backbone.items()}, "epoch": 100}
-    elif kind == "mae":  # fine-tuned MAE: global-pool fc_norm instead of norm, 1000-class head
-        state["fc_norm.weight"], state["fc_norm.bias"] = state.pop("norm.weight"), state.pop("norm.bias")
-        ckpt = {"model": state}
-    else:  # timm ImageNet weights
-        ckpt = state
-    path = tmp_path / f"{kind}.pth"
-    torch.save(ckpt, path)
-    return path, backbone
+    # the HTML report reads the run folder the bundle wrote
+    proc = _run([sys.executable, str(REPO / "scripts" / "explanation_report.py"), "--eval_dir", str(root / "eval"),
+                 "--out", str(root / "report.html"), "--n_examples", "2"], cwd=REPO)  # fmt: skip
+    html = (root / "report.html").read_text()
+    assert html.count("<img") == 2 * (2 + len(METHODS)) and "random" in proc.stdout
 
 
 @pytest.mark.parametrize("bundle", ["kvasir", "mura"])
@@ -167,7 +152,15 @@ def _checkpoint(kind: str, tmp_path: Path) -> tuple[Path, dict]:
 def test_initialisations_load_local_checkpoints(bundle, init, tmp_path):
     from monai.bundle import ConfigParser
 
-    path, backbone = _checkpoint(init, tmp_path)
+    from custom_components.networks import AttributionViT
+
+    # stand-ins in the released layouts: timm state dict, full DINO checkpoint, fine-tuned MAE
+    path = write_standin_vit_checkpoints(tmp_path, img_size=32, patch_size=8, hidden_size=64, num_layers=2,
+                                         num_heads=4, mlp_dim=128, seed=5)[init]  # fmt: skip
+    torch.manual_seed(5 + ["sup", "dino", "mae"].index(init))  # the stand-ins' documented seeds
+    src = AttributionViT(img_size=32, patch_size=8, num_classes=1000, hidden_size=64, num_layers=2, num_heads=4,
+                         mlp_dim=128, pos_embed="learnable")  # fmt: skip
+    backbone = {k: v for k, v in src.state_dict().items() if not k.startswith("head")}
     configs = BUNDLES[bundle] / "configs"
     parser = ConfigParser()
     parser.read_config([str(configs / "train.json"), str(configs / "demo.json"), str(configs / "init" / f"{init}.json")])

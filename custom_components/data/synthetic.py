@@ -495,3 +495,46 @@ def write_mura_twin(output_dir: str | os.PathLike, n_patients: int = 8,
 
 
 __all__ += ["write_kvasir_twin", "write_mura_twin"]
+
+
+def write_standin_vit_checkpoints(output_dir: str | os.PathLike, img_size: int = 224, patch_size: int = 16,
+                                  hidden_size: int = 768, num_layers: int = 12, num_heads: int = 12,
+                                  mlp_dim: int = 3072, seed: int = 0) -> dict[str, Path]:
+    """Stand-ins for the study's pretrained ViT files, with random weights in the released key layouts.
+
+    ``sup.pth``: a timm ``vit_base_patch16_224``-style state dict with a 1000-class head;
+    ``dino.pth``: a full DINO checkpoint (``{"teacher": {"backbone.<key>": ...}}``, no head);
+    ``mae.pth``: a fine-tuned MAE checkpoint (``{"model": ...}`` with ``fc_norm`` instead of
+    ``norm`` and a 1000-class head). They exercise the loading path only: the weights mean nothing.
+    The weights of ``sup`` / ``dino`` / ``mae`` are drawn with ``seed`` / ``seed + 1`` / ``seed + 2``.
+    Returns ``{init: path}``.
+    """
+    import torch
+
+    from custom_components.networks.vit import AttributionViT
+
+    def weights(offset: int) -> dict:
+        # each stand-in gets its own random weights (seed + offset), so the four inits differ
+        torch.manual_seed(seed + offset)
+        return dict(AttributionViT(img_size=img_size, patch_size=patch_size, num_classes=1000, hidden_size=hidden_size,
+                                   num_layers=num_layers, num_heads=num_heads, mlp_dim=mlp_dim,
+                                   pos_embed="learnable").state_dict())
+
+    state, dino, mae = weights(0), weights(1), weights(2)
+    backbone = {k: v for k, v in dino.items() if not k.startswith("head")}
+    mae["fc_norm.weight"], mae["fc_norm.bias"] = mae.pop("norm.weight"), mae.pop("norm.bias")
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {
+        "sup": state,
+        "dino": {"teacher": {f"backbone.{k}": v for k, v in backbone.items()}, "epoch": 100},
+        "mae": {"model": mae},
+    }
+    paths = {}
+    for init, ckpt in files.items():
+        paths[init] = out / f"{init}.pth"
+        torch.save(ckpt, paths[init])
+    return paths
+
+
+__all__ += ["write_standin_vit_checkpoints"]
