@@ -25,6 +25,7 @@ Usage::
 
 from __future__ import annotations
 
+import os
 import platform
 import statistics
 import sys
@@ -161,14 +162,17 @@ def main(batch: int = 8, image_size: int = 224, volume_size: int = 64, steps: in
          device: str = "cpu", seed: int = 0, tiny: bool = False, batch3d: int | None = None,
          out: str | None = None) -> str:
     """Print (and with ``--out`` write) the Markdown table of :func:`rows`."""
+    load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     t0 = time.perf_counter()
     table_rows = rows(int(batch), int(image_size), int(volume_size), int(steps), int(warmup), device, int(seed),
                       bool(tiny), None if batch3d is None else int(batch3d))  # fmt: skip
     wall = time.perf_counter() - t0
+    load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     lines = ["| measurement | value |", "|---|---|", *[f"| {a} | {b} |" for a, b in table_rows], "",
              f"Medians of {steps} interleaved training steps per model after {warmup} warm-up rounds; device {device}; "
              f"torch {torch.__version__}, {torch.get_num_threads()} threads; Python {platform.python_version()}; "
-             f"wall time {wall:.0f} s."]  # fmt: skip
+             f"wall time {wall:.0f} s; 1-min load average {load0:.2f} before, {load1:.2f} after (above the "
+             f"thread count = other processes competed for the cores)."]  # fmt: skip
     text = "\n".join(lines) + "\n"
     if out:
         atomic_write_text(text, out)

@@ -33,8 +33,8 @@ The network's total stride is 32 (stem 4 x stages 1, 2, 2, 2). ``stem_stride`` (
 which gives stage grids 28/14/7/4 (224 input, default: 56/28/14/7), total stride 8. Pooling uses
 ceil mode, so odd grids are fine; any input >= 1 pixel per stage runs. ``kv_pool`` chooses the
 E-MHSA key/value reduction: ``"1d"`` (default, as released: AvgPool1d with kernel = stride =
-sr^2 over the flattened raster order, which crosses row boundaries) or ``"2d"`` (true sr x sr
-average pooling on the grid, ceil mode). When the sequence is shorter than sr^2 the 1-D kernel
+sr^2 over the flattened raster order, which crosses row boundaries), ``"2d"`` (alias ``"grid"``:
+true sr x sr average pooling on the grid, ceil mode) or ``"adaptive"`` (see below). When the sequence is shorter than sr^2 the 1-D kernel
 is clipped to the sequence length (the released code would fail there); at 224 nothing changes.
 
 Patch Moment Changer (PMC)
