@@ -1,5 +1,6 @@
 from .attention import AttentionRollout, RawAttention, attention_rollout
 from .base import Explainer, resize_maps
+from .cnn_cam import CNNGradCAM
 from .eafem import EAFEM, eafem_map
 from .gae import GAE, gae_relevance, minmax_per_sample, target_scalar
 from .gradcam import GradCAMCapture, ViTGradCAM
@@ -24,4 +25,5 @@ __all__ = [
     "LRPCapture",
     "ViTGradCAM",
     "GradCAMCapture",
+    "CNNGradCAM",
 ]
