@@ -11,6 +11,7 @@ DATASET=${1:-kvasir}
 DEMO_DIR=${DEMO_DIR:-$REPO/demo/attention_maps_$DATASET}
 DATA=$DEMO_DIR/raw
 ROOT=$DEMO_DIR/bundle
+rm -rf "$ROOT"  # a fresh run: training would otherwise resume from the previous demo's checkpoints
 mkdir -p "$DEMO_DIR"
 
 case "$DATASET" in
