@@ -159,3 +159,14 @@ def test_scale_cam_matches_scale_cam_image():
     torch.testing.assert_close(got[0], (cam[0] - 1) / (4 + 1e-7))
     assert (got[1] == 0).all()
     torch.testing.assert_close(minmax_per_sample(got), minmax_per_sample(cam))
+
+
+def test_aug_smooth_keeps_no_graph_unless_create_graph():
+    net, x = _ToyCAMNet(symmetric=False, squash=True), _images(b=2)
+    t = torch.tensor([0, 1])
+    detached = ViTGradCAM(net, aug_smooth=True).attribute(x, target=t)
+    assert not detached.requires_grad  # six passes would otherwise keep six forward graphs alive
+    smooth = ViTGradCAM(net, aug_smooth=True, create_graph=True).attribute(x, target=t)
+    torch.testing.assert_close(smooth.detach(), detached, atol=1e-12, rtol=0)
+    (g,) = torch.autograd.grad(smooth.sum(), [net.embed.weight])
+    assert torch.isfinite(g).all() and g.abs().sum() > 0

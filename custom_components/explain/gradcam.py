@@ -93,6 +93,7 @@ class ViTGradCAM(Explainer):
         aug_smooth: average six flip x multiply passes (see the module docstring); only through
             :meth:`attribute`, each pass a batched forward (run one after another: the batch
             already fills the device, and six stacked copies would hold six times the graph).
+            The averaged map is detached unless ``create_graph`` (which then keeps six graphs).
         upsample: ``"bilinear"``, ``"nearest"`` or ``"none"``. normalize: ``"minmax"`` or ``"none"``
             (``"none"``: the ReLU'd weighted sum at token resolution, as Captum's ``LayerGradCam``).
         create_graph: keep the map differentiable w.r.t. the weights (double backprop).
@@ -181,22 +182,30 @@ class ViTGradCAM(Explainer):
         passes = sorted(AUG_SMOOTH_PASSES, key=lambda p: (p[0], p[1] != 1.0))  # un-augmented pass first
         total, index = None, None
         for flip, factor in passes:
-            augmented = images.flip(-1) if flip else images
-            if factor != 1.0:
-                augmented = augmented * factor
-            with self.capture() as record:
-                logits = self.model(augmented)
-                if index is None:  # resolve the target once, on the un-augmented images
-                    tgt = target if self.target == "auto" else self.target
-                    index = target_index(logits.reshape(logits.shape[0], -1), tgt)
-                cam = self._cam(logits, record, index)
-            maps = scale_cam(self._grid(cam.clamp(min=0)))
-            if self.upsample != "none":
-                maps = resize_maps(maps, out_size, mode=self.upsample)
-            if flip:  # de-augment: flip the map back (the resize commutes with the flip)
-                maps = maps.flip(-1)
+            maps, index = self._aug_pass(images, flip, factor, target, index, out_size)
             total = maps if total is None else total + maps
         maps = total / len(passes)
         if self.normalize == "minmax":
             maps = minmax_per_sample(maps, self.eps)
         return maps
+
+    def _aug_pass(self, images, flip: bool, factor: float, target, index, out_size):
+        """One de-augmented, scaled pass map (B, H, W) and the target index (resolved on the first pass)."""
+        augmented = images.flip(-1) if flip else images
+        if factor != 1.0:
+            augmented = augmented * factor
+        with self.capture() as record:
+            logits = self.model(augmented)
+            if index is None:  # resolve the target once, on the un-augmented images
+                tgt = target if self.target == "auto" else self.target
+                index = target_index(logits.reshape(logits.shape[0], -1), tgt)
+            cam = self._cam(logits, record, index)
+        if not self.create_graph:
+            # a pass map references its whole forward graph: six of them would hold six graphs
+            cam = cam.detach()
+        maps = scale_cam(self._grid(cam.clamp(min=0)))
+        if self.upsample != "none":
+            maps = resize_maps(maps, out_size, mode=self.upsample)
+        if flip:  # de-augment: flip the map back (the resize commutes with the flip)
+            maps = maps.flip(-1)
+        return maps, index
