@@ -13,11 +13,19 @@
    (:class:`SliceDataset`) and (b) by re-reading NIfTI with :class:`NiftiScanReader` (decode +
    min-max + resize per case, as the reference loader does every epoch).
 
+3. Explainers (``scripts/bench_explainers.py``): time of each explanation method for a batch of
+   maps (ViT-B/16, batch 32, 224²) over one forward+backward of the same model, and batched Chefer
+   LRP against a per-image loop.
+4. MedViT (``scripts/bench_medvit.py``): training-step time of MedViT-T over MONAI's ResNet-18
+   (2-D) and of MedViT-3D over MONAI's 3-D ResNet-18, same input and batch.
+
 Usage::
 
     python scripts/benchmark.py [--size tiny|base] [--batch 8] [--image_size 256] [--steps 5]
         [--warmup 2] [--data_cases 3] [--data_shape 240,240,155] [--data_epochs 2]
         [--compress False] [--out FILE.md] [--device cpu] [--seed 0]
+        [--explainers True] [--explain_batch 32] [--explain_image_size 224] [--explain_lrp_loop_batch N]
+        [--medvit True] [--medvit_batch 8] [--medvit_image_size 224] [--medvit_volume_size 64] [--medvit_batch3d 4]
 
 Smoke test (well under a minute on 2 CPU cores)::
 
@@ -328,8 +336,20 @@ def main(
     device: str = "cpu",
     seed: int = 0,
     methods: bool = True,
+    explainers: bool = True,
+    explain_batch: int = 32,
+    explain_image_size: int = 224,
+    explain_lrp_loop_batch: int | None = None,
+    medvit: bool = True,
+    medvit_batch: int = 8,
+    medvit_image_size: int = 224,
+    medvit_volume_size: int = 64,
+    medvit_batch3d: int = 4,
 ) -> None:
-    """Run the step and data benchmarks (with the competing methods unless --methods False); print a Markdown table."""
+    """Run the step, data, explainer and MedViT benchmarks (sections off with --methods/--explainers/--medvit False).
+
+    Prints one Markdown table. ``--size tiny`` also shrinks the explainer and MedViT sections.
+    """
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
     if batch < 2:
@@ -348,6 +368,24 @@ def main(
     t0 = time.perf_counter()
     data = _bench_data(int(data_cases), shape, int(image_size), int(data_epochs), bool(compress), int(seed))
     t_data = time.perf_counter() - t0
+    extra: list[tuple[str, str]] = []
+    t_extra = 0.0
+    if explainers or medvit:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling section modules
+        t0 = time.perf_counter()
+        if explainers:
+            import bench_explainers
+
+            extra += bench_explainers.rows(size=size, batch=int(explain_batch), image_size=int(explain_image_size),
+                                           steps=max(1, int(steps) // 2), warmup=min(int(warmup), 1), device=device,
+                                           seed=int(seed), lrp_loop_batch=explain_lrp_loop_batch)
+        if medvit:
+            import bench_medvit
+
+            extra += bench_medvit.rows(batch=int(medvit_batch), image_size=int(medvit_image_size),
+                                       volume_size=int(medvit_volume_size), steps=int(steps), warmup=int(warmup),
+                                       device=device, seed=int(seed), tiny=size == "tiny", batch3d=int(medvit_batch3d))
+        t_extra = time.perf_counter() - t0
     load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
     ms = lambda s: f"{1000 * s:.1f} ms"  # noqa: E731
@@ -385,6 +423,7 @@ def main(
          f"{data['n_slices'] / data['nifti_s']:.0f} slices/s ({ms(data['nifti_s'])}/epoch)"),
         ("one-off: write twin / prepare store", f"{data['write_s']:.1f} s / {data['prepare_s']:.1f} s"),
         ("max \\|store − NIfTI\\| on a checked slice (float16 store)", f"{data['max_diff']:.1e}"),
+        *extra,
     ]
     lines = [
         "| measurement | value |",
@@ -394,7 +433,7 @@ def main(
         f"Medians of {steps} interleaved steps per variant after {warmup} warm-up rounds; data: median of "
         f"{max(1, data_epochs)} interleaved epochs. Machine: {_machine(dev)}; device {dev}; "
         f"torch {torch.__version__}, {threads} threads (torch default); Python {platform.python_version()}. "
-        f"Wall time: steps {t_steps:.0f} s, data {t_data:.0f} s. CPU utilisation during the timed steps "
+        f"Wall time: steps {t_steps:.0f} s, data {t_data:.0f} s, explainers + MedViT {t_extra:.0f} s. CPU utilisation during the timed steps "
         f"{_utilisation(times, threads):.0%} of {threads} threads (well below 100 % = other processes competed "
         f"for the cores and the timings are noisy); 1-min load average {load0:.2f} before, {load1:.2f} after.",
     ]

@@ -1,4 +1,4 @@
-"""scripts/benchmark.py runs end to end at a tiny size and reports every ratio (timings are not asserted)."""
+"""scripts/benchmark.py runs end to end at a tiny size, every section, and reports every ratio (timings are not asserted)."""
 
 import re
 import subprocess
@@ -11,15 +11,31 @@ from bundle_utils import REPO, subprocess_env
 pytestmark = pytest.mark.slow
 
 
-def test_benchmark_tiny(tmp_path):
+def _ratio(table: str, label: str) -> float:
+    row = next(line for line in table.splitlines() if label in line)
+    return float(re.search(r"\*\*([0-9.]+)x", row).group(1))
+
+
+def test_benchmark_tiny_all_sections(tmp_path):
+    # a subprocess with one intra-op thread (bundle_utils.subprocess_env): in-process threads spin on shared cores
     out = tmp_path / "bench.md"
     cmd = [sys.executable, str(REPO / "scripts" / "benchmark.py"), "--size", "tiny", "--steps", "1", "--warmup", "1",
-           "--data_cases", "2", "--data_shape", "48,48,12", "--image_size", "32", "--batch", "4", "--out", str(out)]  # fmt: skip
+           "--data_cases", "2", "--data_shape", "48,48,12", "--image_size", "32", "--batch", "4",
+           "--explain_batch", "3", "--explain_image_size", "32", "--explain_lrp_loop_batch", "2",
+           "--medvit_batch", "2", "--medvit_image_size", "32", "--medvit_volume_size", "16", "--medvit_batch3d", "2",
+           "--out", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=subprocess_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = out.read_text()
     for label in ("guided / plain step", "gradmask / baseline step", "robustvit / baseline step",
                   "res_g / baseline step", "res_l / baseline step", "store / NIfTI data throughput"):  # fmt: skip
-        row = next(line for line in table.splitlines() if label in line)
-        ratio = float(re.search(r"\*\*([0-9.]+)x\*\*", row).group(1))
-        assert ratio > 0
+        assert _ratio(table, label) > 0
+    # the MedViT section: both ratios and their step times agree
+    medvit = [line for line in table.splitlines() if "ResNet-18 training step" in line]
+    assert len(medvit) == 2 and "MedViT-3D" in medvit[1]
+    for row in medvit:
+        ratio, a, b = (float(v) for v in re.search(r"\*\*([0-9.]+)x\*\* \(([0-9.]+) ms / ([0-9.]+) ms\)", row).groups())
+        assert ratio > 0 and ratio == pytest.approx(a / b, rel=0.05, abs=0.01)
+    # the explainer section: one ratio per method and the LRP loop comparison
+    for label in ("GAE", "LRP", "Grad-CAM", "rollout"):
+        assert any(label in line and "x**" in line for line in table.splitlines()), label
