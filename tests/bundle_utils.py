@@ -37,3 +37,25 @@ def run(cmd: list[str], cwd: Path, timeout: int = 300, check: bool = True) -> su
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def kill_once_checkpointed(cmd: list[str], cwd: Path, last: Path, epochs: int, timeout: float = 240) -> dict:
+    """Start a training, SIGKILL it as soon as its resumable checkpoint ``last`` exists; return that checkpoint.
+
+    Asserts that the checkpoint survived the kill intact (it loads) and that the run was stopped before
+    its last epoch, so that a rerun of ``cmd`` has something to resume.
+    """
+    import signal
+    import time
+
+    from custom_components.io import load_checkpoint
+
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=subprocess_env())
+    deadline = time.time() + timeout
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed = load_checkpoint(last)
+    assert 1 <= killed["trainer"]["epoch"] < epochs, "the run finished before it could be interrupted"
+    return killed

@@ -4,10 +4,7 @@ one clear error line for broken MedMNIST files, and the robustness report."""
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -16,7 +13,7 @@ import numpy as np
 from custom_components.data.medmnist import MEDMNIST_INFO
 from custom_components.io import load_checkpoint
 
-from bundle_utils import REPO, run, subprocess_env
+from bundle_utils import REPO, kill_once_checkpointed, run
 
 CmdFn = Callable[..., list]
 
@@ -33,16 +30,9 @@ BAD_INPUTS = {
 def killed_training_resumes(bundle: Path, cmd: CmdFn, root: Path, twin: Path, epochs: int = 4) -> None:
     """Kill a training as soon as models/last.pt exists; the rerun resumes there and ends with every epoch run once."""
     command = cmd("training", root, twin, args=["--num_epochs", str(epochs)])
-    proc = subprocess.Popen(command, cwd=bundle, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=subprocess_env())
     last = root / "models" / "last.pt"
-    deadline = time.time() + 240
-    while not last.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed = load_checkpoint(last)  # the checkpoint survived the kill intact
+    killed = kill_once_checkpointed(command, bundle, last, epochs)
     killed_at = killed["trainer"]
-    assert 1 <= killed_at["epoch"] < epochs, "the run finished before it could be interrupted"
     resumed = run(command, cwd=bundle)
     log = resumed.stdout + resumed.stderr
     assert "resumed from" in log and f"at epoch {killed_at['epoch']}" in log

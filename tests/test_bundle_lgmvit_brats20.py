@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +18,7 @@ import torch
 from custom_components.data.synthetic import write_brats20_twin
 from custom_components.io import load_checkpoint
 
-from bundle_utils import REPO, SCHEMA, TINY, bundle_cmd, config_arg, subprocess_env
+from bundle_utils import REPO, SCHEMA, TINY, bundle_cmd, config_arg, kill_once_checkpointed
 from bundle_utils import run as _run
 
 BUNDLE = REPO / "bundles" / "lgmvit_brats20"
@@ -147,15 +144,8 @@ def test_torchrun_two_cpu_processes(tmp_path, twin):
 def test_killed_training_resumes_from_last_checkpoint(tmp_path, twin):
     epochs = 40
     cmd = bundle_cmd("training", tmp_path, twin, args=["--num_epochs", str(epochs)])
-    proc = subprocess.Popen(cmd, cwd=BUNDLE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=subprocess_env())
     last = tmp_path / "models" / "last.pt"
-    deadline = time.time() + 240
-    while not last.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = load_checkpoint(last)["trainer"]  # the checkpoint survived the kill intact
-    assert 1 <= killed_at["epoch"] < epochs, "the run finished before it could be interrupted"
+    killed_at = kill_once_checkpointed(cmd, BUNDLE, last, epochs)["trainer"]
     resumed = run(cmd)
     log = resumed.stdout + resumed.stderr
     assert f"at epoch {killed_at['epoch']}" in log and "resumed from" in log

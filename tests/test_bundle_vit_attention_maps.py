@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +22,7 @@ import torch
 from custom_components.data.synthetic import write_kvasir_twin, write_mura_twin, write_standin_vit_checkpoints
 from custom_components.io import load_checkpoint
 
-from bundle_utils import REPO, SCHEMA, config_arg, subprocess_env
+from bundle_utils import REPO, SCHEMA, config_arg, kill_once_checkpointed
 from bundle_utils import run as _run
 
 pytestmark = pytest.mark.slow
@@ -235,16 +232,8 @@ def test_torchrun_export_and_resume_kvasir(tmp_path, twins):
 
     epochs = 30
     resume_cmd = cmd("kvasir", "training", tmp_path / "resume", twin, args=["--num_epochs", str(epochs)])
-    proc = subprocess.Popen(resume_cmd, cwd=BUNDLES["kvasir"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=subprocess_env())  # fmt: skip
     last = tmp_path / "resume" / "models" / "random" / "last.pt"
-    deadline = time.time() + 240
-    while not last.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed_at = load_checkpoint(last)["trainer"]
-    assert 1 <= killed_at["epoch"] < epochs, "the run finished before it could be interrupted"
+    kill_once_checkpointed(resume_cmd, BUNDLES["kvasir"], last, epochs)
     log = run("kvasir", resume_cmd)
     assert "resumed from" in log.stdout + log.stderr
     final = load_checkpoint(last)["trainer"]
