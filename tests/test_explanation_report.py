@@ -8,6 +8,7 @@ only when no Chromium binary is installed (``.ci/run`` installs it).
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import re
@@ -25,6 +26,7 @@ from custom_components.reports.explanation_html import (
     colormap_lut,
     discover_runs,
     heatmap_overlay,
+    image_data_uri,
     write_explanation_report,
 )
 
@@ -36,6 +38,7 @@ HAS_MASK = [True, False, True, False, True]
 # Annotated positives (0, 2) first, then the annotated negative (4), before the unannotated positive (3).
 N_EXAMPLES = 3
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 def make_run(root: Path, init: str, dataset: str = "kvasir", reverse: bool = False, metrics: bool = True,
@@ -133,11 +136,11 @@ def test_html_structure(report):
     text = report.read_text()
     assert text.isascii()
     doc = parse(text)
-    # images: examples x (input + ground truth + methods) x runs, every one an embedded PNG with alt text
+    # images: examples x (input + ground truth + methods) x runs, every one an embedded JPEG (default) with alt text
     assert len(doc.images) == N_EXAMPLES * (2 + len(METHODS)) * 2
     for img in doc.images:
-        assert img["src"].startswith("data:image/png;base64,"), img["src"][:40]
-        assert base64.b64decode(img["src"].split(",", 1)[1]).startswith(PNG_MAGIC)
+        assert img["src"].startswith("data:image/jpeg;base64,"), img["src"][:40]
+        assert base64.b64decode(img["src"].split(",", 1)[1]).startswith(JPEG_MAGIC)
         assert img.get("alt")
     assert not re.search(r"(src|href)=\"(https?:|//)", text)  # nothing fetched from the network
     # the two grids show the same images (matched by key although "sup" stores them reversed)
@@ -188,6 +191,32 @@ def test_colormap_and_overlay():
     np.testing.assert_array_equal(out[0, 3], out[0, 1])
 
 
+def _decode(uri: str) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).convert("RGB"))
+
+
+def test_image_formats(tmp_path):
+    # a smooth radiograph-like overlay: PNG is lossless, JPEG close to it and much smaller
+    yy, xx = np.mgrid[:224, :224] / 223.0
+    image = np.repeat((255 * (0.3 + 0.5 * np.sin(3 * xx) * yy)).astype(np.uint8)[..., None], 3, axis=-1)
+    rgb = heatmap_overlay(image, np.exp(-((xx - 0.6) ** 2 + (yy - 0.4) ** 2) / 0.05))
+    png, jpeg = image_data_uri(rgb, "png"), image_data_uri(rgb, "jpeg")
+    assert png.startswith("data:image/png;base64,") and jpeg.startswith("data:image/jpeg;base64,")
+    np.testing.assert_array_equal(_decode(png), rgb)
+    assert np.abs(_decode(jpeg).astype(int) - rgb).mean() < 2.0
+    assert len(jpeg) < len(png) / 2
+    with pytest.raises(ValueError, match="image_format"):
+        image_data_uri(rgb, "gif")
+    runs = [make_run(tmp_path, "random", seed=1)]
+    with pytest.raises(ValueError, match="image_format"):
+        write_explanation_report(runs, tmp_path / "r.html", image_format="bmp")
+    assert not (tmp_path / "r.html").exists()
+    doc = parse(write_explanation_report(runs, tmp_path / "r.html", n_examples=2, image_format="png").read_text())
+    assert doc.images and all(base64.b64decode(i["src"].split(",", 1)[1]).startswith(PNG_MAGIC) for i in doc.images)
+
+
 # --------------------------------------------------------------------------- errors
 
 
@@ -229,11 +258,12 @@ def test_cli(tmp_path):
     make_run(tmp_path / "eval", "sup", seed=1)
     make_run(tmp_path / "eval", "random", seed=2)
     out = tmp_path / "report.html"
-    ok = _cli("--eval_dir", str(tmp_path / "eval"), "--out", str(out), "--n_examples", "2")
+    ok = _cli("--eval_dir", str(tmp_path / "eval"), "--out", str(out), "--n_examples", "2", "--image_format", "png")
     assert ok.returncode == 0, ok.stderr[-3000:]
     assert str(out) in ok.stdout and "open" in ok.stdout
     doc = parse(out.read_text())
     assert len(doc.images) == 2 * (2 + len(METHODS)) * 2
+    assert all(i["src"].startswith("data:image/png;base64,") for i in doc.images)
     assert [r[0]["text"] for r in doc.rows[:: len(METHODS)]] == ["random", "sup"]  # conventional order
     # bad input: exit status 2 and one "error:" line naming the file, no traceback
     runs = f"{tmp_path / 'eval' / 'random'},{tmp_path / 'eval' / 'missing'}"

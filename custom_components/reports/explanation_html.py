@@ -11,7 +11,7 @@ bundles' explain / evaluate workflows write them::
     <run>/explanations/maps/<method>.npy float16 (N, S, S) in [0, 1], one per listed method
     <run>/explanation_metrics.json       optional: {"n_annotated", "metrics": {method: {key: value}}}
 
-Output: one self-contained HTML file (images as base64 PNG data URIs, inline CSS and a small inline
+Output: one self-contained HTML file (images as base64 JPEG or PNG data URIs, inline CSS and a small inline
 script, a Content-Security-Policy that forbids any network access) with a header, the metric table
 (one row per initialisation and method, sortable by any column, best value per metric highlighted)
 and one grid of examples per initialisation: the same images in every grid, matched by their
@@ -47,6 +47,8 @@ __all__ = [
     "colormap_lut",
     "discover_runs",
     "heatmap_overlay",
+    "IMAGE_FORMATS",
+    "image_data_uri",
     "load_run",
     "mask_overlay",
     "select_examples",
@@ -58,7 +60,10 @@ INIT_ORDER: tuple[str, ...] = ("random", "sup", "dino", "mae")
 # Metric keys containing one of these words are better when smaller (deletion: the model's score
 # should drop fast when the most relevant pixels are removed).
 LOWER_IS_BETTER_WORDS: tuple[str, ...] = ("deletion",)
-DISPLAY_PX = 144  # on-screen size of every panel; the PNGs keep the native resolution
+DISPLAY_PX = 144  # on-screen size of every panel; the images keep the native resolution
+# Panel encodings: JPEG at quality 90 is ~6x smaller than PNG on radiograph overlays (7 vs 44 KB per
+# 224 px panel) with no visible change; PNG is kept for lossless figures.
+IMAGE_FORMATS: dict[str, dict] = {"jpeg": {"format": "JPEG", "quality": 90}, "png": {"format": "PNG"}}
 
 # Control points (position, r, g, b) of a turbo-like colormap: dark blue -> cyan -> green ->
 # yellow -> red. Written for this report; interpolated linearly into a 256-entry table.
@@ -300,11 +305,13 @@ def mask_overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def _png_data_uri(rgb: np.ndarray) -> str:
+def image_data_uri(rgb: np.ndarray, image_format: str = "png") -> str:
+    """(H, W, 3) uint8 RGB as a base64 ``data:`` URI in one of :data:`IMAGE_FORMATS`."""
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"image_format must be one of {sorted(IMAGE_FORMATS)}, got {image_format!r}")
     buf = io.BytesIO()
-    # (H, W, 3) uint8 is read as RGB
-    Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)).save(buf, **IMAGE_FORMATS[image_format])
+    return f"data:image/{image_format};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 # --------------------------------------------------------------------------- HTML
@@ -432,7 +439,10 @@ def _img(uri: str, alt: str) -> str:
     return f'<td><img src="{uri}" alt="{_e(alt)}" width="{DISPLAY_PX}" height="{DISPLAY_PX}"></td>'
 
 
-def _grid(run: ExplanationRun, keys: Sequence[str]) -> str:
+def _grid(run: ExplanationRun, keys: Sequence[str], image_format: str) -> str:
+    def uri(rgb: np.ndarray) -> str:
+        return image_data_uri(rgb, image_format)
+
     size = int(run.index["image_size"])
     head = ["<th scope=\"col\">example</th>", "<th scope=\"col\">input</th>", "<th scope=\"col\">ground truth</th>"]
     head += [f'<th scope="col">{_e(m)}</th>' for m in run.methods]
@@ -440,14 +450,14 @@ def _grid(run: ExplanationRun, keys: Sequence[str]) -> str:
     for key in keys:
         i = run.position(key)
         image = np.asarray(run.images[i])
-        cells = [_caption(run, i), _img(_png_data_uri(image), f"{run.name}: input image {key}")]
+        cells = [_caption(run, i), _img(uri(image), f"{run.name}: input image {key}")]
         if run.has_mask(i):
-            cells.append(_img(_png_data_uri(mask_overlay(image, run.masks[i])), f"{run.name}: ground-truth mask of {key}"))
+            cells.append(_img(uri(mask_overlay(image, run.masks[i])), f"{run.name}: ground-truth mask of {key}"))
         else:
-            cells.append(_img(_png_data_uri(image), f"{run.name}: no ground-truth mask for {key}"))
+            cells.append(_img(uri(image), f"{run.name}: no ground-truth mask for {key}"))
         for method in run.methods:
             heat = np.asarray(run.maps[method][i], dtype=np.float32)
-            cells.append(_img(_png_data_uri(heatmap_overlay(image, heat)), f"{run.name}: {method} map of {key} over the input"))
+            cells.append(_img(uri(heatmap_overlay(image, heat)), f"{run.name}: {method} map of {key} over the input"))
         rows.append("<tr>" + "".join(cells) + "</tr>")
     pixelated = " pixelated" if size < DISPLAY_PX else ""
     return (
@@ -609,8 +619,11 @@ def write_explanation_report(
     n_examples: int = 8,
     title: str | None = None,
     seed: int = 0,
+    image_format: str = "jpeg",
 ) -> Path:
     """Write the self-contained HTML report of ``runs`` (run folders) to ``out``; return its path.
+
+    ``image_format``: ``"jpeg"`` (quality 90, small files) or ``"png"`` (lossless) for every panel.
 
     Raises:
         InputDataError: naming the file, for a missing index or maps file, arrays whose shape does
@@ -622,6 +635,8 @@ def write_explanation_report(
         raise ValueError("write_explanation_report needs at least one run folder")
     if int(n_examples) < 1:
         raise ValueError(f"n_examples must be at least 1, got {n_examples}")
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"image_format must be one of {sorted(IMAGE_FORMATS)}, got {image_format!r}")
     loaded = [load_run(r) for r in runs]
     dataset = str(loaded[0].index["dataset"])
     for run in loaded[1:]:
@@ -665,7 +680,7 @@ def write_explanation_report(
         f"{int(seed)}). Each map is overlaid on the input at 50 % opacity.</p>\n"
         f'<p class="legend"><span>0</span><span class="bar" style="background: {_gradient_css()}"></span><span>1</span>'
         '<span class="swatch"></span><span>ground-truth mask (outline)</span></p>\n'
-        + "\n".join(_grid(run, keys) for run in loaded) + "</section>"
+        + "\n".join(_grid(run, keys, image_format) for run in loaded) + "</section>"
     )  # fmt: skip
     document = (
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
