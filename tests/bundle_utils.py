@@ -59,3 +59,18 @@ def kill_once_checkpointed(cmd: list[str], cwd: Path, last: Path, epochs: int, t
     killed = load_checkpoint(last)
     assert 1 <= killed["trainer"]["epoch"] < epochs, "the run finished before it could be interrupted"
     return killed
+
+
+def verify_bundle(bundle: Path, monkeypatch, config_file: str = "configs/train.json") -> None:
+    """``monai.bundle verify_metadata`` (when the shared schema is present) and ``verify_net_in_out network_def``.
+
+    The same functions ``python -m monai.bundle verify_*`` runs, called in this process from the
+    bundle folder: a subprocess per call spends ~9 s importing MONAI; the CLI path itself is covered
+    by every bundle's run/pack tests.
+    """
+    from monai.bundle import verify_metadata, verify_net_in_out
+
+    monkeypatch.chdir(bundle)
+    if SCHEMA.is_file():
+        verify_metadata(meta_file="configs/metadata.json", filepath=str(SCHEMA))
+    verify_net_in_out("network_def", meta_file="configs/metadata.json", config_file=config_file, device="cpu")

@@ -18,7 +18,7 @@ import torch
 from custom_components.data.synthetic import write_brats20_twin
 from custom_components.io import load_checkpoint
 
-from bundle_utils import REPO, SCHEMA, TINY, bundle_cmd, config_arg, kill_once_checkpointed
+from bundle_utils import REPO, SCHEMA, TINY, bundle_cmd, config_arg, kill_once_checkpointed, verify_bundle
 from bundle_utils import run as _run
 
 BUNDLE = REPO / "bundles" / "lgmvit_brats20"
@@ -102,13 +102,11 @@ def test_inference_writes_predictions_and_maps(trained, twin):
     assert 0.0 <= quality["overall"]["pointing_game"] <= 1.0
 
 
-def test_verify_metadata_and_net_in_out():
+def test_verify_metadata_and_net_in_out(monkeypatch):
     if not SCHEMA.is_file():
         pytest.skip("shared schema not present")
-    run([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", "configs/metadata.json", "--filepath", str(SCHEMA)])
     # the paper-size network (ViT-B/16 at 256) against the metadata's input/output description
-    run([sys.executable, "-m", "monai.bundle", "verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json",
-         "--config_file", "configs/train.json", "--device", "cpu"])  # fmt: skip
+    verify_bundle(BUNDLE, monkeypatch)
 
 
 def test_ckpt_export_torchscript_matches_eager(trained, tmp_path):

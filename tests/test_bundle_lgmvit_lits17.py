@@ -4,13 +4,12 @@ metadata and network checks (the workflow machinery itself is covered by the Bra
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from bundle_utils import REPO, SCHEMA, bundle_cmd, run
+from bundle_utils import REPO, SCHEMA, bundle_cmd, run, verify_bundle
 from custom_components.data.synthetic import write_lits17_twin
 from custom_components.io import load_checkpoint
 
@@ -57,12 +56,10 @@ def test_lesion_target_prepares_tumour_labels(tmp_path, twin):
         assert case["n_positive"] == int((seg == 2).any(axis=(0, 1)).sum())
 
 
-def test_verify_metadata_and_net_in_out():
+def test_verify_metadata_and_net_in_out(monkeypatch):
     if not SCHEMA.is_file():
         pytest.skip("shared schema not present")
-    run([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", "configs/metadata.json", "--filepath", str(SCHEMA)], cwd=BUNDLE)
-    run([sys.executable, "-m", "monai.bundle", "verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json",
-         "--config_file", "configs/train.json", "--device", "cpu"], cwd=BUNDLE)  # fmt: skip
+    verify_bundle(BUNDLE, monkeypatch)
 
 
 def test_competing_method_configs_merge_and_train(tmp_path, twin):

@@ -21,7 +21,7 @@ import torch
 from custom_components.data.synthetic import write_medmnist2d_twin
 from custom_components.io import load_checkpoint
 
-from bundle_utils import REPO, SCHEMA, config_arg
+from bundle_utils import REPO, config_arg, verify_bundle
 from bundle_utils import run as _run
 from medmnist_bundle_checks import (
     BAD_INPUTS,
@@ -100,13 +100,9 @@ def test_inference_writes_predictions_csv(trained, twin):
     torch.testing.assert_close(probs.sum(1), torch.ones(N_SPLITS[2]), atol=1e-5, rtol=0)
 
 
-def test_verify_metadata_and_net_in_out():
-    if SCHEMA.is_file():
-        run([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", "configs/metadata.json",
-             "--filepath", str(SCHEMA)])  # fmt: skip
+def test_verify_metadata_and_net_in_out(monkeypatch):
     # the paper setting: MedViT-T, 3 x 224 x 224 -> 2 logits
-    run([sys.executable, "-m", "monai.bundle", "verify_net_in_out", "network_def", "--meta_file", "configs/metadata.json",
-         "--config_file", "configs/train.json", "--device", "cpu"])  # fmt: skip
+    verify_bundle(BUNDLE, monkeypatch)
 
 
 def test_ckpt_export_torchscript_matches_eager(trained, tmp_path):

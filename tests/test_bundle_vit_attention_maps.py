@@ -22,7 +22,7 @@ import torch
 from custom_components.data.synthetic import write_kvasir_twin, write_mura_twin, write_standin_vit_checkpoints
 from custom_components.io import load_checkpoint
 
-from bundle_utils import REPO, SCHEMA, config_arg, kill_once_checkpointed
+from bundle_utils import REPO, SCHEMA, config_arg, kill_once_checkpointed, verify_bundle
 from bundle_utils import run as _run
 
 pytestmark = pytest.mark.slow
@@ -184,13 +184,10 @@ def test_init_hyperparameters_follow_the_study():
 
 
 @pytest.mark.parametrize("bundle", ["kvasir", "mura"])
-def test_verify_metadata_and_net_in_out(bundle):
+def test_verify_metadata_and_net_in_out(bundle, monkeypatch):
     if not SCHEMA.is_file():
         pytest.skip("shared schema not present")
-    run(bundle, [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", "configs/metadata.json",
-                 "--filepath", str(SCHEMA)])  # fmt: skip
-    run(bundle, [sys.executable, "-m", "monai.bundle", "verify_net_in_out", "network_def", "--meta_file",
-                 "configs/metadata.json", "--config_file", "configs/train.json", "--device", "cpu"])  # fmt: skip
+    verify_bundle(BUNDLES[bundle], monkeypatch)
 
 
 def test_missing_checkpoint_and_corrupt_image_give_one_clear_error(tmp_path, twins):
