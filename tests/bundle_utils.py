@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,9 +47,6 @@ def kill_once_checkpointed(cmd: list[str], cwd: Path, last: Path, epochs: int, t
     Asserts that the checkpoint survived the kill intact (it loads) and that the run was stopped before
     its last epoch, so that a rerun of ``cmd`` has something to resume.
     """
-    import signal
-    import time
-
     from custom_components.io import load_checkpoint
 
     proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=subprocess_env())

@@ -125,6 +125,17 @@ def parse(text: str) -> ReportParser:
     return parser
 
 
+def _payload(uri: str) -> bytes:
+    """The encoded image bytes of a ``data:...;base64,`` URI."""
+    return base64.b64decode(uri.split(",", 1)[1])
+
+
+def _decode(uri: str) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(_payload(uri))).convert("RGB"))
+
+
 @pytest.fixture()
 def report(tmp_path):
     runs = [make_run(tmp_path, "random", seed=1), make_run(tmp_path, "sup", reverse=True, seed=2)]
@@ -140,7 +151,7 @@ def test_html_structure(report):
     assert len(doc.images) == N_EXAMPLES * (2 + len(METHODS)) * 2
     for img in doc.images:
         assert img["src"].startswith("data:image/jpeg;base64,"), img["src"][:40]
-        assert base64.b64decode(img["src"].split(",", 1)[1]).startswith(JPEG_MAGIC)
+        assert _payload(img["src"]).startswith(JPEG_MAGIC)
         assert img.get("alt")
     assert not re.search(r"(src|href)=\"(https?:|//)", text)  # nothing fetched from the network
     # the two grids show the same images (matched by key although "sup" stores them reversed)
@@ -191,12 +202,6 @@ def test_colormap_and_overlay():
     np.testing.assert_array_equal(out[0, 3], out[0, 1])
 
 
-def _decode(uri: str) -> np.ndarray:
-    from PIL import Image
-
-    return np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).convert("RGB"))
-
-
 def test_image_formats(tmp_path):
     # a smooth radiograph-like overlay: PNG is lossless, JPEG close to it and much smaller
     yy, xx = np.mgrid[:224, :224] / 223.0
@@ -214,7 +219,7 @@ def test_image_formats(tmp_path):
         write_explanation_report(runs, tmp_path / "r.html", image_format="bmp")
     assert not (tmp_path / "r.html").exists()
     doc = parse(write_explanation_report(runs, tmp_path / "r.html", n_examples=2, image_format="png").read_text())
-    assert doc.images and all(base64.b64decode(i["src"].split(",", 1)[1]).startswith(PNG_MAGIC) for i in doc.images)
+    assert doc.images and all(_payload(i["src"]).startswith(PNG_MAGIC) for i in doc.images)
 
 
 # --------------------------------------------------------------------------- errors

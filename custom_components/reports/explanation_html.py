@@ -305,10 +305,14 @@ def mask_overlay(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def image_data_uri(rgb: np.ndarray, image_format: str = "png") -> str:
-    """(H, W, 3) uint8 RGB as a base64 ``data:`` URI in one of :data:`IMAGE_FORMATS`."""
+def _check_image_format(image_format: str) -> None:
     if image_format not in IMAGE_FORMATS:
         raise ValueError(f"image_format must be one of {sorted(IMAGE_FORMATS)}, got {image_format!r}")
+
+
+def image_data_uri(rgb: np.ndarray, image_format: str) -> str:
+    """(H, W, 3) uint8 RGB as a base64 ``data:`` URI in one of :data:`IMAGE_FORMATS`."""
+    _check_image_format(image_format)
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)).save(buf, **IMAGE_FORMATS[image_format])
     return f"data:image/{image_format};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
@@ -635,8 +639,7 @@ def write_explanation_report(
         raise ValueError("write_explanation_report needs at least one run folder")
     if int(n_examples) < 1:
         raise ValueError(f"n_examples must be at least 1, got {n_examples}")
-    if image_format not in IMAGE_FORMATS:
-        raise ValueError(f"image_format must be one of {sorted(IMAGE_FORMATS)}, got {image_format!r}")
+    _check_image_format(image_format)  # before any run is loaded
     loaded = [load_run(r) for r in runs]
     dataset = str(loaded[0].index["dataset"])
     for run in loaded[1:]:
