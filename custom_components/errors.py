@@ -5,11 +5,16 @@ MONAI's bundle runner wraps exceptions raised while evaluating or instantiating 
 when the uncaught exception's chain contains an :class:`~custom_components.io.InputDataError`,
 prints ``error: <file>: <problem>`` and exits with status 2. Any other exception keeps the normal
 traceback, and ``CC_FULL_TRACEBACK=1`` restores it for input errors too. Bundles call
-:func:`install` first in their ``initialize`` list.
+:func:`install` first in their ``initialize`` list (through :func:`custom_components.runs.start_run`).
+
+Ignite handlers log an exception with its traceback before re-raising it (MONAI's
+``StatsHandler.exception_raised``), which would print the traceback wall before the clear line;
+:func:`install` also adds a logging filter that drops such records for input errors.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -28,8 +33,29 @@ def find_input_error(exc: BaseException | None) -> InputDataError | None:
     return None
 
 
+class _InputErrorRecordFilter(logging.Filter):
+    """Drop log records that carry an input error's traceback (the hook prints its one line)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and not os.environ.get("CC_FULL_TRACEBACK"):
+            return find_input_error(record.exc_info[1]) is None
+        return True
+
+
+_RECORD_FILTER = _InputErrorRecordFilter()
+
+
+def _filter_log_handlers() -> None:
+    loggers = [logging.getLogger()] + [v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger)]
+    for lg in loggers:
+        for handler in lg.handlers:
+            if _RECORD_FILTER not in handler.filters:
+                handler.addFilter(_RECORD_FILTER)
+
+
 def install() -> None:
-    """Install the hook once per process (idempotent)."""
+    """Install the hook once per process (idempotent) and filter the handlers configured so far."""
+    _filter_log_handlers()
     previous = sys.excepthook
     if getattr(previous, "_custom_components", False):
         return

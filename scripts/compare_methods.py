@@ -31,7 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from custom_components.handlers.report import format_mean_std, markdown_table  # noqa: E402
-from custom_components.io import atomic_save_json, atomic_write_text  # noqa: E402
+from custom_components.io import InputDataError, atomic_save_json, atomic_write_text  # noqa: E402
+from custom_components.runs import check_override_ids  # noqa: E402
 
 METRICS = ("f1", "accuracy", "auroc", "ap", "kappa")
 QUALITY = ("pointing_game", "iou_top10")
@@ -65,6 +66,10 @@ def _run_one(bundle_dir: Path, run_dir: Path, method: str, seed: int, dataset_di
     log = run_dir / "log.txt"
     with open(log, "w") as fh:
         proc = subprocess.run(cmd, cwd=bundle_dir, stdout=fh, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    if proc.returncode == 2:  # the bundle's one-line input error: pass it on as it is
+        errors = [line for line in log.read_text().splitlines() if line.startswith("error: ")]
+        if errors:
+            raise InputDataError(f"{method} seed {seed}", f"{errors[-1][len('error: '):]} (log {log})")
     if proc.returncode != 0:
         tail = log.read_text()[-3000:]
         raise RuntimeError(f"{method} seed {seed} failed (exit {proc.returncode}); log {log}:\n{tail}")
@@ -117,6 +122,9 @@ def compare(
     out = Path(output_dir) if output_dir else REPO / "runs" / f"compare_{name}"
     prepared = out / "prepared"
     extra = [x for k, v in overrides.items() for x in (f"--{k}", str(v))]
+    # a misspelt option stops here, before any run, rather than in every run's log
+    workflow_configs = ["train.json", "demo.json", "evaluate.json", "inference.json"]
+    check_override_ids([bundle_dir / "configs" / c for c in workflow_configs], overrides)
 
     results: dict[str, list[dict[str, float]]] = {}
     for method in chosen:
@@ -159,4 +167,8 @@ def compare(
 
 
 if __name__ == "__main__":
-    fire.Fire(compare)
+    try:
+        fire.Fire(compare)
+    except InputDataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from custom_components.data.medmnist import _TASK_ALIASES, medmnist_metrics
 from custom_components.evaluation.adversarial import ATTACKS, PixelSpaceModel
 from custom_components.handlers.report import format_percent, markdown_table
-from custom_components.io import atomic_save_json, atomic_write_text, load_checkpoint
+from custom_components.io import atomic_save_json, atomic_write_text, load_network_weights
 from custom_components.metrics.medmnist_metrics import logits_to_scores
 
 __all__ = ["RobustnessEvaluation", "DEFAULT_EPSILONS"]
@@ -139,7 +139,7 @@ class RobustnessEvaluation:
     def evaluate(self) -> dict[str, Any]:
         """Attack every batch; returns the report dict (no file I/O)."""
         if self.ckpt_path is not None:
-            self.network.load_state_dict(load_checkpoint(self.ckpt_path, map_location=self.device))
+            load_network_weights(self.network, self.ckpt_path, map_location=self.device)
         was_training = self.network.training
         self.network.to(self.device).eval()
         model = PixelSpaceModel(self.network, self.intensity_mean, self.intensity_std)

@@ -3,7 +3,10 @@
 ``TrainingCheckpoint`` saves everything a run needs to continue (network, optimizer, scheduler,
 trainer counters, best-model state) to one file through an atomic rename, and on start reloads
 it with ``weights_only=True``. A run killed at any moment therefore resumes from its last
-completed epoch, and the best model of the earlier part of the run is remembered.
+completed epoch, and the best model of the earlier part of the run is remembered. The checkpoint
+also holds the run's fingerprint (:mod:`custom_components.runs.fingerprint`): a resume with other
+settings is refused with one line saying what differs. ``ModelLoader`` loads trained weights for
+evaluation and inference through the same checked path.
 """
 
 from __future__ import annotations
@@ -16,9 +19,11 @@ import ignite.distributed as idist
 import torch
 from ignite.engine import Engine, Events
 
-from custom_components.io import atomic_save, load_checkpoint
+from custom_components.handlers.tensorboard_maps import mark_restart
+from custom_components.io import InputDataError, atomic_save, load_checkpoint, load_network_weights, state_dict_mismatch
+from custom_components.runs.fingerprint import describe_differences, fingerprint_differences
 
-__all__ = ["TrainingCheckpoint", "BestMetricSaver", "SamplerEpochSetter"]
+__all__ = ["TrainingCheckpoint", "BestMetricSaver", "SamplerEpochSetter", "ModelLoader"]
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +42,12 @@ class TrainingCheckpoint:
         filename: checkpoint file name (``last.pt``).
         resume: load the file at ``Events.STARTED`` when it exists.
         interval: save every ``interval`` epochs (and always after the last one).
+        fingerprint: the run's settings (``runs.run_fingerprint()``), saved with every checkpoint
+            and compared on resume.
+        force_resume: resume even when the fingerprints differ (a warning lists the differences;
+            later checkpoints carry this run's fingerprint).
+        summary_writer: TensorBoard writer of the run; after a resume it is told to hide the
+            events the interrupted epoch logged past the checkpoint, which are logged again.
     """
 
     def __init__(
@@ -46,11 +57,17 @@ class TrainingCheckpoint:
         filename: str = "last.pt",
         resume: bool = True,
         interval: int = 1,
+        fingerprint: Mapping[str, Any] | None = None,
+        force_resume: bool = False,
+        summary_writer: Any = None,
     ) -> None:
         self.path = Path(ckpt_dir) / filename
         self.save_dict = dict(save_dict)
         self.resume = resume
         self.interval = max(int(interval), 1)
+        self.fingerprint = dict(fingerprint) if fingerprint is not None else None
+        self.force_resume = force_resume
+        self.summary_writer = summary_writer
 
     def attach(self, engine: Engine) -> None:
         if self.resume:
@@ -65,23 +82,55 @@ class TrainingCheckpoint:
             return
         state = {name: _unwrap(obj).state_dict() for name, obj in self.save_dict.items()}
         state["trainer"] = {"epoch": engine.state.epoch, "iteration": engine.state.iteration, "epoch_length": engine.state.epoch_length}
+        if self.fingerprint is not None:
+            state["fingerprint"] = self.fingerprint
         atomic_save(state, self.path)
+
+    def _check_fingerprint(self, saved: Mapping[str, Any] | None) -> None:
+        if self.fingerprint is None:
+            return
+        if saved is None:
+            logger.warning("%s holds no run fingerprint (an older checkpoint): resuming without checking its settings", self.path)
+            return
+        differences = fingerprint_differences(saved, self.fingerprint)
+        if not differences:
+            return
+        what = describe_differences(differences)
+        if self.force_resume:
+            logger.warning("%s: resuming with other settings (--force_resume): %s", self.path, what)
+            return
+        raise InputDataError(
+            self.path,
+            f"was trained with other settings ({what}); start a new run with --resume false (replaces the checkpoints "
+            "in this folder) or another bundle_root, or continue with the new settings with --force_resume true",
+        )
 
     def load(self, engine: Engine) -> None:
         if not self.path.is_file():
             return
         ckpt = load_checkpoint(self.path, map_location="cpu")
+        if not isinstance(ckpt, Mapping) or "trainer" not in ckpt:
+            raise InputDataError(self.path, "not a resumable training checkpoint (no trainer state)")
+        self._check_fingerprint(ckpt.get("fingerprint"))
         for name, obj in self.save_dict.items():
             if name not in ckpt:
-                raise KeyError(f"{self.path}: no '{name}' entry to resume from (has {sorted(ckpt)})")
-            _unwrap(obj).load_state_dict(ckpt[name])
+                raise InputDataError(self.path, f"no '{name}' entry to resume from (has {sorted(ckpt)})")
+            target = _unwrap(obj)
+            if isinstance(target, torch.nn.Module) and (problem := state_dict_mismatch(target, ckpt[name])):
+                raise InputDataError(self.path, f"'{name}' does not fit the configured network: {problem}")
+            try:
+                target.load_state_dict(ckpt[name])
+            except (KeyError, ValueError, RuntimeError) as e:
+                raise InputDataError(self.path, f"cannot restore '{name}' ({type(e).__name__}: {str(e).splitlines()[0]})") from e
         trainer = ckpt["trainer"]
         if trainer["epoch"] > engine.state.max_epochs:
-            raise ValueError(
-                f"{self.path}: checkpoint is at epoch {trainer['epoch']} beyond max_epochs {engine.state.max_epochs}"
+            raise InputDataError(
+                self.path, f"checkpoint is at epoch {trainer['epoch']}, beyond num_epochs {engine.state.max_epochs}"
             )
         engine.state.epoch = int(trainer["epoch"])
         engine.state.iteration = int(trainer["iteration"])
+        if self.summary_writer is not None:
+            mark_restart(self.summary_writer, engine.state.iteration + 1)
         logger.info("resumed from %s at epoch %d (iteration %d)", self.path, engine.state.epoch, engine.state.iteration)
 
 
@@ -153,3 +202,23 @@ class SamplerEpochSetter:
     def __call__(self, engine: Engine) -> None:
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(engine.state.epoch)
+
+
+class ModelLoader:
+    """Load trained weights into ``network`` when the engine starts (evaluation, inference).
+
+    Goes through :func:`custom_components.io.load_network_weights`: a missing or truncated file,
+    or weights of another configuration, stop the run with one line naming the file.
+    """
+
+    def __init__(self, load_path: str, network: torch.nn.Module, map_location: Any = "cpu") -> None:
+        self.load_path = load_path
+        self.network = network
+        self.map_location = map_location
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        load_network_weights(self.network, self.load_path, map_location=self.map_location)
+        logger.info("loaded %s", self.load_path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, Sequence
 
 import ignite.distributed as idist
@@ -10,7 +11,7 @@ from ignite.engine import Engine, Events
 
 from custom_components.explain.base import Explainer, resize_maps
 
-__all__ = ["ExplanationPanels", "normalize_per_image", "select_positive_examples"]
+__all__ = ["ExplanationPanels", "normalize_per_image", "select_positive_examples", "rank_zero_summary_writer", "mark_restart"]
 
 
 def normalize_per_image(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -111,3 +112,18 @@ def rank_zero_summary_writer(log_dir: str, **kwargs: Any) -> Any:
     from torch.utils.tensorboard import SummaryWriter
 
     return SummaryWriter(log_dir=log_dir, **kwargs)
+
+
+def mark_restart(writer: Any, step: int) -> None:
+    """Tell TensorBoard that the run restarts at ``step``: events logged earlier at ``step`` or later are hidden.
+
+    A resumed run repeats the iterations of the epoch that was interrupted; without this marker
+    TensorBoard shows them twice. It is the ``SessionLog.START`` event that ``SummaryWriter``'s
+    ``purge_step`` writes, emitted once the resumed step is known (after the checkpoint is read).
+    """
+    get_writer = getattr(writer, "_get_file_writer", None)
+    if get_writer is None:  # the no-op writer of non-zero ranks
+        return
+    from tensorboard.compat.proto.event_pb2 import Event, SessionLog
+
+    get_writer().add_event(Event(step=int(step), wall_time=time.time(), session_log=SessionLog(status=SessionLog.START)))

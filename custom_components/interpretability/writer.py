@@ -32,27 +32,11 @@ from torch.utils.data import DataLoader
 
 from custom_components.data.image_folders import IMAGENET_MEAN, IMAGENET_STD
 from custom_components.explain.base import Explainer
-from custom_components.io import InputDataError, load_checkpoint
+from custom_components.io import InputDataError, load_network_weights
 
 __all__ = ["write_explanations", "load_network_weights", "EXPLANATIONS_DIR"]
 
 EXPLANATIONS_DIR = "explanations"
-
-
-def load_network_weights(network: torch.nn.Module, path: str | os.PathLike) -> torch.nn.Module:
-    """Load a ``state_dict`` file (``weights_only=True``) into ``network``; clear error when absent."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputDataError(path, "trained weights not found (run the training workflow first, or set ckpt_dir)")
-    state = load_checkpoint(path)
-    if isinstance(state, Mapping) and "network" in state and isinstance(state["network"], Mapping):
-        state = state["network"]  # a resumable training checkpoint (last.pt)
-    target = network.module if hasattr(network, "module") else network
-    try:
-        target.load_state_dict(state)
-    except RuntimeError as e:
-        raise InputDataError(path, f"weights do not fit the configured network ({str(e).splitlines()[0]})") from e
-    return network
 
 
 def _display_images(images: torch.Tensor, normalized: bool) -> np.ndarray:

@@ -1,0 +1,71 @@
+"""Run safety for bundle workflows: one run per folder, checked options, checked resumes.
+
+Every workflow's ``initialize`` list starts with :func:`start_run`, and its ``finalize`` list ends
+with :func:`finish_run`. Training checkpoints carry :func:`run_fingerprint` (see
+:class:`~custom_components.handlers.checkpoint.TrainingCheckpoint`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from custom_components import errors
+from custom_components.io import remove_stale_temporaries
+
+from .fingerprint import (
+    DEFAULT_IGNORE,
+    describe_differences,
+    fingerprint_differences,
+    flatten_config,
+    run_fingerprint,
+)
+from .lock import LOCK_NAME, RunLockedError, acquire_run_lock, release_run_lock
+from .overrides import (
+    UnknownOptionError,
+    bundle_run_arguments,
+    check_cli_overrides,
+    check_override_ids,
+)
+
+__all__ = [
+    "DEFAULT_IGNORE",
+    "LOCK_NAME",
+    "RunLockedError",
+    "UnknownOptionError",
+    "acquire_run_lock",
+    "bundle_run_arguments",
+    "check_cli_overrides",
+    "check_override_ids",
+    "describe_differences",
+    "fingerprint_differences",
+    "finish_run",
+    "flatten_config",
+    "release_run_lock",
+    "run_fingerprint",
+    "start_run",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def start_run(lock_dir: str | os.PathLike | None = None) -> None:
+    """The first step of a workflow, before anything is read or written.
+
+    1. installs the one-line error hook (:func:`custom_components.errors.install`);
+    2. refuses misspelt ``monai.bundle run`` options (:func:`check_cli_overrides`);
+    3. takes the run lock of ``lock_dir`` (the folder this workflow writes: checkpoints for
+       training, results for evaluation), so a second run on it stops at once naming the holder;
+    4. removes temporaries that killed writes left in ``lock_dir`` (safe: the lock is ours).
+    """
+    errors.install()
+    check_cli_overrides()
+    if lock_dir is None or acquire_run_lock(lock_dir) is None:
+        return
+    for path in remove_stale_temporaries(lock_dir):
+        logger.info("removed %s, left by an interrupted write", path)
+
+
+def finish_run() -> None:
+    """Release this process's run locks (the kernel releases them anyway when the process ends)."""
+    release_run_lock()
