@@ -191,6 +191,16 @@ def test_cli_split_options(train_only, tmp_path):
     assert [len(v) for v in read(tmp_path / "datalist.json").values()] == [1, 1, 0]
 
 
+@pytest.mark.parametrize("bundle", ["lgmvit_brats20", "lgmvit_lits17"])
+def test_bundle_config_passes_the_split_options(bundle):
+    config = read(REPO / "bundles" / bundle / "configs" / "train.json")
+    # top-level keys, so `monai.bundle run ... --split random` is a known override
+    assert config["split"] == "published" and config["split_ratios"] == [0.7, 0.1, 0.2]
+    assert config["split_seed"] == "@seed"
+    assert {k: config["prepare"][k] for k in ("split", "split_ratios", "split_seed")} == {
+        "split": "@split", "split_ratios": "@split_ratios", "split_seed": "@split_seed"}
+
+
 # ---------------------------------------------------------------- real-format sample
 
 
