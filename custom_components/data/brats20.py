@@ -16,14 +16,14 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from custom_components.data.datalists import load_split
+from custom_components.data.splits import DEFAULT_RATIOS, choose_split
 from custom_components.data.store import prepare_store, write_case
 from custom_components.io import InputDataError
 
@@ -224,19 +224,26 @@ def _prepare_one(case_dir: Path, case_out: Path, image_size: int, dtype: str) ->
 def prepare_brats20(
     dataset_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
-    split: str | os.PathLike | None = "brats20",
+    split: str | os.PathLike | None = "published",
     image_size: int = 256,
     dtype: str = "float16",
     cases: Iterable[str] | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    split_ratios: str | Sequence[float] = DEFAULT_RATIOS,
+    split_seed: int = 0,
 ) -> Path:
     """Prepare BraTS2020 cases into a slice store and write ``<output_dir>/datalist.json``.
 
-    Cases: those of ``split`` (a shipped datalist name or a JSON path) found in ``dataset_dir``,
-    or exactly ``cases`` when given (cases not in the split go under the ``"unsplit"`` key; with
-    ``split=None`` every case goes there). Resumable: a case whose ``meta.json`` matches
-    ``image_size``/``dtype`` is skipped unless ``overwrite``. Returns the datalist path.
+    Cases: those of ``split`` found in ``dataset_dir``, or exactly ``cases`` when given. ``split``
+    is ``"published"`` (``data_lists/brats20.json``), a shipped datalist name, a JSON path, or
+    ``"random"``: a seeded case-wise split of the cases present (or of ``cases``) with
+    ``split_ratios`` (training, validation, test) and ``split_seed``, written to
+    ``<output_dir>/split.json`` and reused while seed, ratios and cases stay the same (see
+    :mod:`custom_components.data.splits`). Given ``cases`` outside the split go under the
+    ``"unsplit"`` key; with ``split=None`` every case goes there. Resumable: a case whose
+    ``meta.json`` matches ``image_size``/``dtype`` is skipped unless ``overwrite``. Returns the
+    datalist path.
     """
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
@@ -244,12 +251,16 @@ def prepare_brats20(
     if image_size < 1:
         raise ValueError(f"image_size must be positive, got {image_size}")
     found = find_cases(dataset_dir)
+    if cases is not None:
+        cases = [cases] if isinstance(cases, str) else list(cases)
+    present = list(found) if cases is None else [c for c in cases if c in found]
+    splits, split_name = choose_split(split, "brats20", present, output_dir, split_ratios, split_seed)
     return prepare_store(
         dataset_dir,
         output_dir,
         found=found,
-        splits=load_split(split) if split is not None else {},
-        split_name=None if split is None else str(split),
+        splits=splits,
+        split_name=split_name,
         cases=cases,
         prepare_case=lambda case, case_out: _prepare_one(found[case], case_out, image_size, dtype),
         prepared_meta=lambda case_out: _meta_ok(case_out / "meta.json", image_size, dtype),

@@ -46,7 +46,8 @@ def load_split(name_or_path: str | os.PathLike) -> dict[str, list[str]]:
 
     ``name_or_path`` is a shipped datalist name (``"brats20"``) or a JSON file path, either in
     our datalist form (lists of ``{"case": ...}`` entries) or in the published form
-    (``train``/``val``/``test`` lists of IDs, renamed to the datalist keys).
+    (``train``/``val``/``test`` lists of IDs, renamed to the datalist keys). Keys starting with
+    ``_`` hold notes, not cases (the ``_random_split`` record of a random split file), and are skipped.
     """
     s = str(name_or_path)
     is_path = s.endswith(".json") or os.sep in s or "/" in s or Path(s).is_file()
@@ -58,6 +59,8 @@ def load_split(name_or_path: str | os.PathLike) -> dict[str, list[str]]:
         raise InputDataError(path, "expected a JSON object mapping split names to case lists")
     out: dict[str, list[str]] = {}
     for key, items in data.items():
+        if key.startswith("_"):
+            continue
         if not isinstance(items, list):
             raise InputDataError(path, f"split {key!r} is not a list")
         ids = []

@@ -59,7 +59,7 @@ from custom_components.data.brats20 import (
     _open,
     _read,
 )
-from custom_components.data.datalists import load_split
+from custom_components.data.splits import DEFAULT_RATIOS, choose_split
 from custom_components.data.store import prepare_store, write_case
 from custom_components.io import InputDataError
 
@@ -300,7 +300,7 @@ def _prepare_one(
 def prepare_lits17(
     dataset_dir: str | os.PathLike,
     output_dir: str | os.PathLike,
-    split: str | os.PathLike | None = "lits17",
+    split: str | os.PathLike | None = "published",
     image_size: int = 256,
     target: str = "organ",
     hu_window: Sequence[float] | str | None = None,
@@ -308,13 +308,19 @@ def prepare_lits17(
     cases: Iterable[str] | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    split_ratios: str | Sequence[float] = DEFAULT_RATIOS,
+    split_seed: int = 0,
 ) -> Path:
     """Prepare LiTS17 volumes into a slice store and write ``<output_dir>/datalist.json``.
 
-    Cases: those of ``split`` (a shipped datalist name, or a JSON path in our datalist form or
-    the published ``train``/``val``/``test`` form with ``volume-N.nii`` names) found in
-    ``dataset_dir``, or exactly ``cases`` when given (``volume-N`` or ``volume-N.nii``; cases
-    not in the split go under ``"unsplit"``; with ``split=None`` every case goes there).
+    Cases: those of ``split`` found in ``dataset_dir``, or exactly ``cases`` when given
+    (``volume-N`` or ``volume-N.nii``; cases not in the split go under ``"unsplit"``; with
+    ``split=None`` every case goes there). ``split`` is ``"published"`` (``data_lists/lits17.json``),
+    a shipped datalist name, a JSON path (our datalist form or the published ``train``/``val``/
+    ``test`` form with ``volume-N.nii`` names), or ``"random"``: a seeded case-wise split of the
+    cases present (or of ``cases``) with ``split_ratios`` and ``split_seed``, written to
+    ``<output_dir>/split.json`` and reused while they stay the same (see
+    :mod:`custom_components.data.splits`).
     Resumable: a case whose ``meta.json`` matches ``image_size``/``dtype``/``target``/``hu_window``
     is skipped unless ``overwrite``. Returns the datalist path.
     """
@@ -326,9 +332,10 @@ def prepare_lits17(
     target = _check_target(target)
     window = _parse_window(hu_window)
     found = find_volumes(dataset_dir)
-    splits = {k: [case_id(c) for c in ids] for k, ids in load_split(split).items()} if split is not None else {}
     if cases is not None:
         cases = [case_id(c) for c in ([cases] if isinstance(cases, str) else cases)]
+    present = list(found) if cases is None else [c for c in cases if c in found]
+    splits, split_name = choose_split(split, "lits17", present, output_dir, split_ratios, split_seed, case_id)
 
     def prepare_case(case: str, case_out: Path) -> dict:
         files = found[case]
@@ -341,7 +348,7 @@ def prepare_lits17(
         output_dir,
         found=found,
         splits=splits,
-        split_name=None if split is None else str(split),
+        split_name=split_name,
         cases=cases,
         prepare_case=prepare_case,
         prepared_meta=lambda case_out: _settings_ok(_meta_ok(case_out / "meta.json", image_size, dtype), target, window),

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from custom_components.data.splits import empty_set_hint
 from custom_components.io import InputDataError
 
 __all__ = ["SliceDataset", "ScanChunkBatchSampler"]
@@ -61,6 +62,10 @@ class SliceDataset(Dataset):
             entries = data[split]
             root = Path(root) if root is not None else path.parent
             source = f"{path} [{split}]"
+            if not entries:
+                # the usual cause: only part of a dataset is present, so say what to pass
+                hint = empty_set_hint(root, data)
+                raise InputDataError(source, f"empty datalist: set {split!r} has no case ({hint})")
         else:
             entries = list(datalist)
             if root is None:

@@ -115,5 +115,9 @@ def prepare_store(
             }
         )
     if not any(datalist.values()):
-        raise InputDataError(dataset_dir, f"empty datalist: no case of split {split_name!s} was found to prepare")
+        raise InputDataError(
+            dataset_dir,
+            f"empty datalist: no case of split {split_name!s} was found to prepare "
+            "(to split the cases present, pass --split random)",
+        )
     return atomic_save_json(datalist, out / "datalist.json")
