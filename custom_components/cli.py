@@ -9,7 +9,7 @@ import fire
 
 from custom_components.io import InputDataError
 
-__all__ = ["run_commands", "parse_ints", "parse_names"]
+__all__ = ["run_commands", "parse_floats", "parse_ints", "parse_names"]
 
 
 def run_commands(commands: Mapping[str, Callable] | Callable, argv: list[str] | None = None) -> int:
@@ -30,6 +30,17 @@ def parse_ints(value: int | str | Sequence[int]) -> tuple[int, ...]:
     elif isinstance(value, int):
         value = [value]
     return tuple(int(v) for v in value)
+
+
+def parse_floats(value: float | str | Sequence[float] | None) -> tuple[float, ...] | None:
+    """Accept ``0.9,0.9,6.5`` (or a tuple / one number, as fire passes it); None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [v for v in value.split(",") if v.strip()]
+    elif isinstance(value, (int, float)):
+        value = [value]
+    return tuple(float(v) for v in value)
 
 
 def parse_names(value: str | Sequence[str] | None) -> list[str] | None:

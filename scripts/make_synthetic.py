@@ -4,9 +4,12 @@
 Commands (one per dataset; add e.g. ``lits17`` as another function in ``COMMANDS``)::
 
     python scripts/make_synthetic.py brats20 --output_dir D [--shape 48,48,20] [--seed 0] [--compress True]
-        [--n_per_split 3,2,2] [--case_ids ID1,ID2]
+        [--n_per_split 3,2,2] [--case_ids ID1,ID2] [--spacing 0.9,0.9,6.5] [--origin 12,-30,40]
     python scripts/make_synthetic.py lits17 --output_dir D [--shape 512,512,75] [--seed 0] [--compress False]
-        [--n_per_split 3,2,2] [--case_ids volume-0,volume-1]
+        [--n_per_split 3,2,2] [--case_ids volume-0,volume-1] [--spacing 0.8,0.8,5] [--origin 12,-30,40]
+
+``--spacing`` (voxel size x, y, z in mm) and ``--origin`` (mm) give a non-default grid, e.g. a
+thick-slice scan ``--shape 40,32,9 --spacing 0.9,0.9,6.5``; the defaults are those of the datasets.
     python scripts/make_synthetic.py medmnist2d --output D/breastmnist.npz [--name breastmnist] [--n 60,20,20]
         [--size 28] [--seed 0]
     python scripts/make_synthetic.py medmnist3d --output D/organmnist3d.npz [--name organmnist3d] [--n 24,12,12]
@@ -22,7 +25,7 @@ from __future__ import annotations
 import sys
 from typing import Sequence
 
-from custom_components.cli import parse_ints, parse_names, run_commands
+from custom_components.cli import parse_floats, parse_ints, parse_names, run_commands
 
 
 def brats20(
@@ -32,13 +35,16 @@ def brats20(
     compress: bool = True,
     n_per_split: str | Sequence[int] = (3, 2, 2),
     case_ids: str | Sequence[str] | None = None,
+    spacing: str | Sequence[float] | None = None,
+    origin: str | Sequence[float] | None = None,
 ) -> str:
     """BraTS2020 twin: ``<output_dir>/MICCAI_BraTS2020_TrainingData/<case>/<case>_<mod>.nii[.gz]``."""
     from custom_components.data.synthetic import write_brats20_twin
 
     case_ids = parse_names(case_ids)
     root = write_brats20_twin(output_dir, case_ids=case_ids, n_per_split=parse_ints(n_per_split),
-                              shape=parse_ints(shape), seed=int(seed), compress=bool(compress))
+                              shape=parse_ints(shape), seed=int(seed), compress=bool(compress),
+                              spacing=parse_floats(spacing), origin=parse_floats(origin))
     print(root)
     return str(root)
 
@@ -50,13 +56,16 @@ def lits17(
     compress: bool = False,
     n_per_split: str | Sequence[int] = (3, 2, 2),
     case_ids: str | Sequence[str] | None = None,
+    spacing: str | Sequence[float] | None = None,
+    origin: str | Sequence[float] | None = None,
 ) -> str:
     """LiTS17 twin: ``<output_dir>/scans/volume-N.nii[.gz]`` + ``segmentations/segmentation-N.nii[.gz]``."""
     from custom_components.data.synthetic import write_lits17_twin
 
     case_ids = parse_names(case_ids)
     root = write_lits17_twin(output_dir, case_ids=case_ids, n_per_split=parse_ints(n_per_split),
-                             shape=parse_ints(shape), seed=int(seed), compress=bool(compress))
+                             shape=parse_ints(shape), seed=int(seed), compress=bool(compress),
+                             spacing=parse_floats(spacing), origin=parse_floats(origin))
     print(root)
     return str(root)
 

@@ -95,7 +95,9 @@ def test_inference_writes_predictions_and_maps(trained, twin):
     assert all(0.0 <= float(r["probability"]) <= 1.0 for r in rows)
     for case in test_cases:
         vol = nib.load(str(out / "maps" / f"{case['case']}_eafem.nii.gz"))
-        assert vol.shape == (32, 32, case["n_slices"])
+        # on the source scan's grid (40 x 40 x 16 twin), not the prepared 32 x 32 slices
+        source = nib.load(str(twin / case["case"] / f"{case['case']}_flair.nii.gz"))
+        assert vol.shape == source.shape and (vol.affine == source.affine).all()
         assert (out / "maps" / f"{case['case']}_eafem.png").is_file()
     quality = json.loads((out / "explanation_quality.json").read_text())
     assert quality["overall"]["n_slices"] == sum(c["n_positive"] for c in test_cases)

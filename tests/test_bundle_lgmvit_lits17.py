@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -40,12 +41,13 @@ def test_train_evaluate_infer(tmp_path, twin):
     out = tmp_path / "eval" / "inference"
     assert len((out / "predictions.csv").read_text().strip().splitlines()) == 1 + report["n_samples"]
     for case in datalist["test"]:
-        assert (out / "maps" / f"{case['case']}_eafem.nii.gz").is_file()
+        # on the CT's own grid (48 x 48 x 20 twin, per-volume spacing), not the prepared 32 x 32 slices
+        vol = nib.load(out / "maps" / f"{case['case']}_eafem.nii.gz")
+        source = nib.load(twin / "scans" / f"{case['case']}.nii")
+        assert vol.shape == source.shape and (vol.affine == source.affine).all()
 
 
 def test_lesion_target_prepares_tumour_labels(tmp_path, twin):
-    import nibabel as nib
-
     run(bundle_cmd("training", tmp_path, twin, args=["--num_epochs", "1", "--target", "lesion"]), cwd=BUNDLE)
     datalist = json.loads((tmp_path / "data" / "prepared_lesion_32" / "datalist.json").read_text())
     cases = [c for split in ("training", "validation", "test") for c in datalist[split]]

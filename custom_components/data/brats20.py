@@ -8,6 +8,9 @@ validated once and written as ``<store>/<case>/{image.npy, mask.npy, meta.json}`
 * per-slice, per-modality min-max to [0, 1] (constant slice -> zeros; no z-score, no clipping);
 * resize 240 -> ``image_size`` with bicubic (image) / nearest (mask), ``mask = seg > 0``;
 * slice label = 1 iff the tumour mask of the slice is non-empty (at native resolution).
+
+``meta.json["grid"]`` records the FLAIR file's grid and the transform above
+(:mod:`custom_components.data.scan_grid`), so per-slice outputs can be written back on the scan's grid.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from custom_components.data.scan_grid import source_grid
 from custom_components.data.splits import DEFAULT_RATIOS, choose_split
 from custom_components.data.store import prepare_store, write_case
 from custom_components.io import InputDataError
@@ -42,7 +46,8 @@ __all__ = [
 MODALITIES: tuple[str, ...] = ("t1", "t2", "flair")
 #: BraTS labels: 0 background, 1 necrotic/non-enhancing core, 2 oedema, 4 enhancing
 SEG_LABELS: tuple[int, ...] = (0, 1, 2, 4)
-FORMAT_VERSION = 1
+#: 2: meta.json holds the source-grid record ("grid"); older cases are re-prepared
+FORMAT_VERSION = 2
 DATA_FOLDER = "MICCAI_BraTS2020_TrainingData"
 CASE_RE = re.compile(r"^BraTS20_Training_\d{3}$")
 # Kaggle copy pitfall (spec section 6): this case's segmentation carries a foreign name.
@@ -135,8 +140,10 @@ def _has_bad_labels(seg: np.ndarray) -> bool:
     return not np.isin(seg, SEG_LABELS).all()  # float segs (seen in some copies), NaN included
 
 
-def _load_case(case_dir: Path, image_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, str]]:
-    """Read, validate and transform one case; return image, mask, slice labels, source names."""
+def _load_case(
+    case_dir: Path, image_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, Path], dict[str, nib.Nifti1Image]]:
+    """Read, validate and transform one case; return image, mask, slice labels, files, opened images."""
     case_dir = Path(case_dir)
     case = case_dir.name
     files = case_files(case_dir)
@@ -176,8 +183,7 @@ def _load_case(case_dir: Path, image_size: int) -> tuple[np.ndarray, np.ndarray,
     if image.shape[-2:] != (image_size, image_size):
         image = F.interpolate(image, size=(image_size, image_size), mode="bicubic", align_corners=False)
         mask = F.interpolate(mask.to(torch.uint8), size=(image_size, image_size), mode="nearest")
-    sources = {mod: files[mod].name for mod in (*MODALITIES, "seg")}
-    return image.numpy(), mask[:, 0].to(torch.uint8).numpy(), labels, sources
+    return image.numpy(), mask[:, 0].to(torch.uint8).numpy(), labels, files, imgs
 
 
 def load_case(case_dir: str | os.PathLike, image_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
@@ -186,7 +192,7 @@ def load_case(case_dir: str | os.PathLike, image_size: int = 256) -> tuple[np.nd
     Raises :class:`InputDataError` naming the case and the file for missing/unreadable files,
     non-3-D volumes, shape mismatches, NaN/Inf intensities and labels outside {0, 1, 2, 4}.
     """
-    image, mask, _, _ = _load_case(Path(case_dir), int(image_size))
+    image, mask, _, _, _ = _load_case(Path(case_dir), int(image_size))
     return image, mask
 
 
@@ -207,8 +213,8 @@ def _meta_ok(meta_path: Path, image_size: int, dtype: str) -> dict | None:
     return meta if ok else None
 
 
-def _prepare_one(case_dir: Path, case_out: Path, image_size: int, dtype: str) -> dict:
-    image, mask, labels, sources = _load_case(case_dir, image_size)
+def _prepare_one(case_dir: Path, case_out: Path, image_size: int, dtype: str, dataset_dir: Path) -> dict:
+    image, mask, labels, files, imgs = _load_case(case_dir, image_size)
     meta = {
         "format_version": FORMAT_VERSION,
         "case": case_dir.name,
@@ -216,7 +222,9 @@ def _prepare_one(case_dir: Path, case_out: Path, image_size: int, dtype: str) ->
         "image_size": image_size,
         "dtype": dtype,
         "labels": [int(v) for v in labels],
-        "sources": sources,
+        "sources": {mod: files[mod].name for mod in (*MODALITIES, "seg")},
+        # FLAIR stands for the case: the four modalities and seg share one grid in BraTS
+        "grid": source_grid(imgs["flair"], files["flair"], dataset_dir, image_size, axes=(2, 1, 0)),
     }
     return write_case(case_out, image.astype(dtype, copy=False), mask, meta)
 
@@ -262,7 +270,7 @@ def prepare_brats20(
         splits=splits,
         split_name=split_name,
         cases=cases,
-        prepare_case=lambda case, case_out: _prepare_one(found[case], case_out, image_size, dtype),
+        prepare_case=lambda case, case_out: _prepare_one(found[case], case_out, image_size, dtype, Path(dataset_dir)),
         prepared_meta=lambda case_out: _meta_ok(case_out / "meta.json", image_size, dtype),
         overwrite=overwrite,
         progress=progress,

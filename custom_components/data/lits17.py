@@ -20,6 +20,9 @@ Transform (spec section 6):
 * the single CT channel is repeated to 3 channels; resize to ``image_size`` bicubic (image) /
   nearest (mask); any in-plane size is accepted (real LiTS is 512 x 512, not assumed).
 
+``meta.json["grid"]`` records the volume's grid and this transform
+(:mod:`custom_components.data.scan_grid`), so per-slice outputs can be written back on the scan's grid.
+
 Slices are converted and resized in chunks, so memory stays near one volume plus the output
 (LiTS has scans of up to ~1000 slices).
 
@@ -47,6 +50,7 @@ import re
 from pathlib import Path
 from typing import Iterable, NamedTuple, Sequence
 
+import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -59,6 +63,7 @@ from custom_components.data.brats20 import (
     _open,
     _read,
 )
+from custom_components.data.scan_grid import source_grid
 from custom_components.data.splits import DEFAULT_RATIOS, choose_split
 from custom_components.data.store import prepare_store, write_case
 from custom_components.io import InputDataError
@@ -197,8 +202,8 @@ def _load(
     target: str,
     window: tuple[float, float] | None,
     dtype: str,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Read, validate and transform one volume; return image (dtype), mask uint8, slice labels."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, nib.Nifti1Image]:
+    """Read, validate and transform one volume; return image (dtype), mask uint8, slice labels, opened volume."""
     volume_path = Path(volume_path)
     case = case_id(volume_path)
     if seg_path is None or not Path(seg_path).is_file():
@@ -247,7 +252,7 @@ def _load(
             m = F.interpolate(m.to(torch.uint8), size=(image_size, image_size), mode="nearest")
         image[a:b] = x.numpy()  # broadcast: the CT channel repeated to 3 channels
         mask[a:b] = m[:, 0].to(torch.uint8).numpy()
-    return image, mask, labels
+    return image, mask, labels, vol_img
 
 
 def load_volume(
@@ -263,7 +268,7 @@ def load_volume(
     unreadable/truncated files, non-3-D volumes, shape mismatches, NaN/Inf intensities and
     labels outside {0, 1, 2}.
     """
-    image, mask, _ = _load(
+    image, mask, _, _ = _load(
         Path(volume_path), None if seg_path is None else Path(seg_path), int(image_size),
         _check_target(target), _parse_window(hu_window), "float32",
     )
@@ -279,9 +284,9 @@ def _settings_ok(meta: dict | None, target: str, window: tuple[float, float] | N
 
 def _prepare_one(
     case: str, files: LiTSFiles, case_out: Path, image_size: int, target: str,
-    window: tuple[float, float] | None, dtype: str,
+    window: tuple[float, float] | None, dtype: str, dataset_dir: Path,
 ) -> dict:
-    image, mask, labels = _load(files.volume, files.seg, image_size, target, window, dtype)
+    image, mask, labels, vol_img = _load(files.volume, files.seg, image_size, target, window, dtype)
     meta = {
         "format_version": FORMAT_VERSION,
         "dataset": "lits17",
@@ -293,6 +298,7 @@ def _prepare_one(
         "hu_window": list(window) if window else None,
         "labels": [int(v) for v in labels],
         "sources": {"volume": files.volume.name, "seg": files.seg.name},
+        "grid": source_grid(vol_img, files.volume, dataset_dir, image_size, axes=(2, 1, 0)),
     }
     return write_case(case_out, image, mask, meta)
 
@@ -341,7 +347,7 @@ def prepare_lits17(
         files = found[case]
         if files.seg is None:
             files = LiTSFiles(files.volume, _seg_expected(Path(dataset_dir), files))
-        return _prepare_one(case, files, case_out, image_size, target, window, dtype)
+        return _prepare_one(case, files, case_out, image_size, target, window, dtype, Path(dataset_dir))
 
     return prepare_store(
         dataset_dir,

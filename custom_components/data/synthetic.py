@@ -106,6 +106,23 @@ def _nifti(arr: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
     return img
 
 
+def _triple(name: str, value: Sequence[float] | None, positive: bool = False) -> tuple[float, float, float] | None:
+    """Validate an optional (x, y, z) triple of numbers (voxel spacing or origin, mm)."""
+    if value is None:
+        return None
+    out = tuple(float(v) for v in value)
+    if len(out) != 3 or not all(np.isfinite(out)) or (positive and min(out) <= 0):
+        raise ValueError(f"{name} must be 3 {'positive ' if positive else ''}numbers (x, y, z mm), got {value!r}")
+    return out[0], out[1], out[2]
+
+
+def _twin_affine(spacing: Sequence[float], origin: Sequence[float]) -> np.ndarray:
+    """Axis-aligned affine diag(-sx, -sy, sz) (x, y flipped as in BraTS/LiTS) with ``origin``."""
+    affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
+    affine[:3, 3] = origin
+    return affine
+
+
 def _default_brats_ids(n_per_split: Sequence[int]) -> list[str]:
     data = json.loads(datalist_path("brats20").read_text())
     ids = []
@@ -121,12 +138,16 @@ def write_brats20_twin(
     shape: Sequence[int] = (240, 240, 155),
     seed: int = 0,
     compress: bool = True,
+    spacing: Sequence[float] | None = None,
+    origin: Sequence[float] | None = None,
 ) -> Path:
     """Write a BraTS2020 twin ``<output_dir>/MICCAI_BraTS2020_TrainingData/<case>/<case>_<mod>.nii[.gz]``.
 
     Images are int16 skull-stripped brain-like volumes with per-modality contrast, bias field
     and noise; ``seg`` is uint8 with nested tumour labels (oedema 2 around enhancing 4 around
-    core 1) on a contiguous run of axial slices. Affine diag(-1, -1, 1), origin (0, Y-1, 0).
+    core 1) on a contiguous run of axial slices. Affine diag(-sx, -sy, sz) with voxel ``spacing``
+    (sx, sy, sz) mm, default (1, 1, 1) as BraTS, and ``origin``, default (0, sy * (Y - 1), 0);
+    e.g. ``shape=(40, 32, 9), spacing=(0.9, 0.9, 6.5)`` mimics a thick-slice non-BraTS grid.
     Without ``case_ids`` the first ``n_per_split`` IDs of the training/validation/test lists of
     ``data_lists/brats20.json`` are used. Deterministic from ``seed``. Returns the data folder.
     """
@@ -136,8 +157,9 @@ def write_brats20_twin(
     ids = list(case_ids) if case_ids is not None else _default_brats_ids(n_per_split)
     root = Path(output_dir) / "MICCAI_BraTS2020_TrainingData"
     root.mkdir(parents=True, exist_ok=True)
-    affine = np.diag([-1.0, -1.0, 1.0, 1.0])
-    affine[1, 3] = shape[1] - 1
+    spacing = _triple("spacing", spacing, positive=True) or (1.0, 1.0, 1.0)
+    origin = _triple("origin", origin) or (0.0, spacing[1] * (shape[1] - 1), 0.0)
+    affine = _twin_affine(spacing, origin)
     ext = ".nii.gz" if compress else ".nii"
     for n, case in enumerate(ids):
         # one generator per case, so a case's content does not depend on the others
@@ -229,6 +251,8 @@ def write_lits17_twin(
     shape: Sequence[int] = (512, 512, 75),
     seed: int = 0,
     compress: bool = False,
+    spacing: Sequence[float] | None = None,
+    origin: Sequence[float] | None = None,
 ) -> Path:
     """Write a LiTS17 twin ``<output_dir>/scans/volume-N.nii`` + ``<output_dir>/segmentations/segmentation-N.nii``.
 
@@ -237,7 +261,8 @@ def write_lits17_twin(
     2 tumour inside the liver. The liver spans a contiguous run of slices of the third axis (the
     upper part of the volume, as in LiTS), the tumour a shorter run inside it. Affine
     diag(-s, -s, dz) with sub-millimetre in-plane spacing s (0.55-0.95 mm) and dz 0.7-5 mm,
-    like LiTS. Without ``case_ids`` the first ``n_per_split`` IDs (``volume-N``) of the
+    like LiTS; ``spacing`` (sx, sy, sz) mm fixes diag(-sx, -sy, sz) for every volume and ``origin``
+    the origin, default (sx * (X - 1) / 2, sy * (Y - 1) / 2, -sz * Z). Without ``case_ids`` the first ``n_per_split`` IDs (``volume-N``) of the
     training/validation/test lists of ``data_lists/lits17.json`` are used. ``compress`` writes
     ``.nii.gz`` (LiTS itself is uncompressed ``.nii``). Deterministic from ``seed``. Returns
     ``output_dir``.
@@ -245,6 +270,7 @@ def write_lits17_twin(
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3 or min(shape) < 8:
         raise ValueError(f"shape must be 3 sizes >= 8, got {shape}")
+    fixed_spacing, fixed_origin = _triple("spacing", spacing, positive=True), _triple("origin", origin)
     ids = list(case_ids) if case_ids is not None else _default_ids("lits17", n_per_split)
     root = Path(output_dir)
     (root / "scans").mkdir(parents=True, exist_ok=True)
@@ -258,9 +284,10 @@ def write_lits17_twin(
         # one generator per case, so a case's content does not depend on the others
         rng = np.random.default_rng([seed, n])
         hu, seg = _lits_case(rng, shape)
+        # drawn even when fixed, so the default twins stay byte-identical
         s, dz = rng.uniform(0.55, 0.95), float(rng.choice([0.7, 1.0, 1.5, 2.5, 5.0]))
-        affine = np.diag([-s, -s, dz, 1.0])
-        affine[:3, 3] = [s * (shape[0] - 1) / 2, s * (shape[1] - 1) / 2, -dz * shape[2]]
+        sp = fixed_spacing or (s, s, dz)
+        affine = _twin_affine(sp, fixed_origin or (sp[0] * (shape[0] - 1) / 2, sp[1] * (shape[1] - 1) / 2, -sp[2] * shape[2]))
         ct = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
         nib.save(_nifti(ct, affine), root / "scans" / f"volume-{n}{ext}")
         nib.save(_nifti(seg, affine), root / "segmentations" / f"segmentation-{n}{ext}")

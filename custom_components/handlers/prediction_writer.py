@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -14,12 +15,20 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from custom_components.data.scan_grid import load_grid, source_nifti, to_source
 from custom_components.handlers.report import markdown_table
-from custom_components.io import atomic_save_json, atomic_write, atomic_write_text
+from custom_components.io import (
+    InputDataError,
+    atomic_save_json,
+    atomic_write,
+    atomic_write_text,
+)
 from custom_components.metrics.classification import positive_probability
 from custom_components.metrics.map_quality import map_quality
 
 __all__ = ["PredictionWriter"]
+
+logger = logging.getLogger(__name__)
 
 
 def _as_list(x: Any) -> list:
@@ -32,12 +41,20 @@ class PredictionWriter:
     """Collect ``pred`` / ``map`` / ``case`` / ``slice`` outputs of an explaining evaluator.
 
     At completion writes ``<output_dir>/predictions.csv`` (case, slice, probability, prediction,
-    label), ``<output_dir>/maps/<case>_<map_name>.nii.gz`` holding the maps of a scan as an
-    (H, W, slices) float32 volume, and, with ``save_png``, ``<output_dir>/maps/<case>_<map_name>.png``:
+    label), ``<output_dir>/maps/<case>_<map_name>.nii.gz`` holding the maps of a scan as one
+    float32 volume, and, with ``save_png``, ``<output_dir>/maps/<case>_<map_name>.png``:
     the scan's most confident positive slices above their maps. When the batches carry masks it
     also writes ``explanation_quality.json`` / ``.md``: pointing game and IoU at top-k % of the maps
     over the slices with a non-empty mask (``specs/explanations.md`` section 7), overall and per
     scan. All files are written atomically.
+
+    With ``store_dir`` (the prepared store the batches come from) each scan's volume is on its
+    source scan's grid: the maps are resampled back to the source in-plane size, put at their
+    source slice index (unseen slices 0) and written with the source's shape, affine and spatial
+    header (:mod:`custom_components.data.scan_grid`), so it overlays the scan in a viewer. A case
+    whose ``meta.json`` has no grid record (a store prepared by older code), or no ``store_dir``,
+    gets the prepared grid instead: (H, W, slices) with an identity affine (a warning names the
+    first such case when ``store_dir`` is given).
     """
 
     def __init__(
@@ -49,8 +66,11 @@ class PredictionWriter:
         png_slices: int = 4,
         display_channel: int = -1,
         topk: tuple[float, ...] = (10.0,),
+        store_dir: str | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
+        self.store_dir = None if store_dir is None else Path(store_dir)
+        self._warned = False
         self.map_name = map_name
         self.threshold = threshold
         self.save_png = save_png
@@ -74,6 +94,7 @@ class PredictionWriter:
         self.maps.clear()
         self.images.clear()
         self.written.clear()
+        self._warned = False
 
     def collect(self, engine: Engine) -> None:
         out = engine.state.output
@@ -153,15 +174,39 @@ class PredictionWriter:
         by_slice = self.maps.pop(case)
         shown = self.images.pop(case, {})
         order = sorted(by_slice)
-        volume = np.stack([by_slice[k] for k in order], axis=-1).astype(np.float32)  # (H, W, S)
+        grid = self._grid(case)
+        if grid is None:
+            volume = np.stack([by_slice[k] for k in order], axis=-1).astype(np.float32)  # (H, W, S)
+            image = nib.Nifti1Image(volume, np.eye(4))
+        else:
+            meta_path = self.store_dir / case / "meta.json"
+            try:
+                volume = to_source(np.stack([by_slice[k] for k in order]), order, grid)
+            except ValueError as e:  # slice indices or map count not matching the store's record
+                raise InputDataError(meta_path, f"case {case}: {e}") from e
+            image = source_nifti(volume, grid)
         path = self.output_dir / "maps" / f"{case}_{self.map_name}.nii.gz"
         with atomic_write(path, suffix=".nii.gz") as tmp:
-            nib.save(nib.Nifti1Image(volume, np.eye(4)), str(tmp))
+            nib.save(image, str(tmp))
         if self.save_png:
             probability = {r["slice"]: r["probability"] for r in self.rows if r["case"] == case}
             top = sorted(order, key=lambda k: -probability[k])[: self.png_slices]
             self._write_png(case, sorted(top), by_slice, shown)
         self.written.add(case)
+
+    def _grid(self, case: str) -> dict | None:
+        """The case's source-grid record from the store, or None (prepared grid; warns once)."""
+        if self.store_dir is None:
+            return None
+        grid = load_grid(self.store_dir / case / "meta.json")
+        if grid is None and not self._warned:
+            self._warned = True
+            logger.warning(
+                "case %s (and any later case like it): %s has no source-grid record, so its %s maps are written "
+                "on the prepared grid with an identity affine; re-prepare the store to get them on the scan's grid",
+                case, self.store_dir / case / "meta.json", self.map_name,
+            )
+        return grid
 
     def _write_png(self, case: str, slices: list[int], by_slice: dict[int, np.ndarray], shown: dict[int, np.ndarray]) -> None:
         from PIL import Image
