@@ -46,11 +46,27 @@ _RECORD_FILTER = _InputErrorRecordFilter()
 
 
 def _filter_log_handlers() -> None:
+    """Filter the handlers of existing loggers, and every logger created from now on.
+
+    Loggers made later (MONAI's ``StatsHandler`` makes its own, with its own stdout handler,
+    when a workflow is instantiated) are of a logger class that applies the same filter.
+    """
     loggers = [logging.getLogger()] + [v for v in logging.Logger.manager.loggerDict.values() if isinstance(v, logging.Logger)]
     for lg in loggers:
         for handler in lg.handlers:
             if _RECORD_FILTER not in handler.filters:
                 handler.addFilter(_RECORD_FILTER)
+    base = logging.getLoggerClass()
+    if not getattr(base, "_drops_input_error_tracebacks", False):
+
+        class QuietInputErrorLogger(base):
+            _drops_input_error_tracebacks = True
+
+            def handle(self, record: logging.LogRecord) -> None:
+                if _RECORD_FILTER.filter(record):
+                    super().handle(record)
+
+        logging.setLoggerClass(QuietInputErrorLogger)
 
 
 def install() -> None:

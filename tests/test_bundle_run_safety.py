@@ -52,15 +52,15 @@ def test_second_training_on_one_root_is_refused_then_resumes_cleanly(tmp_path, t
     """Two trainings at once, a kill during the first, orphans, resume, TensorBoard steps."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    epochs = 40
-    cmd = bundle_cmd("training", tmp_path, twin, args=["--num_epochs", str(epochs)])
-    first = subprocess.Popen(cmd, cwd=BUNDLE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=subprocess_env())
+    busy = bundle_cmd("training", tmp_path / "busy", twin, args=["--num_epochs", "100000"])  # killed below
+    first = subprocess.Popen(busy, cwd=BUNDLE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=subprocess_env())
     try:
-        lock = tmp_path / "models" / ".run.lock"
+        lock = tmp_path / "busy" / "models" / ".run.lock"
         deadline = time.time() + 120
         while (not lock.is_file() or str(first.pid) not in lock.read_text()) and time.time() < deadline:
             time.sleep(0.05)
-        second = run(cmd, check=False)
+        second = run(busy, check=False)
+        assert first.poll() is None, "the first training ended before the second started"
     finally:
         first.kill()
         first.wait()
@@ -69,6 +69,8 @@ def test_second_training_on_one_root_is_refused_then_resumes_cleanly(tmp_path, t
     assert "python -m monai.bundle run training" in error
 
     # a killed run leaves its lock (released by the kernel) and, here, a temporary of a save
+    epochs = 40
+    cmd = bundle_cmd("training", tmp_path, twin, args=["--num_epochs", str(epochs)])
     last = tmp_path / "models" / "last.pt"
     killed = kill_once_checkpointed(cmd, BUNDLE, last, epochs)["trainer"]
     orphan = tmp_path / "models" / ".last.pt.q1w2e3r4.tmp"

@@ -294,6 +294,22 @@ def test_logged_tracebacks_of_input_errors_are_dropped():
     assert records[0].exc_info[1].__cause__.args == ("other",)
 
 
+def test_loggers_made_after_install_drop_input_error_tracebacks_too(capsys):
+    """MONAI's StatsHandler makes its own stdout logger when the workflow is built, after install()."""
+    from monai.apps.utils import get_logger
+
+    errors.install()
+    logger = get_logger(f"test_run_safety.late.{time.time_ns()}")
+    for exc in (InputDataError("a.pt", "bad"), RuntimeError("other")):
+        try:
+            raise exc
+        except Exception as e:
+            logger.exception("Exception: %s", e.args[0])
+    out = capsys.readouterr().out
+    assert "Exception: other" in out and "Traceback" in out
+    assert "a.pt" not in out
+
+
 def test_iteration_log_filter():
     assert iteration_log(0) is False and iteration_log(-1) is False
     every = iteration_log(50)
