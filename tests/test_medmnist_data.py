@@ -209,6 +209,42 @@ def test_auc_left_out():
     assert auc_left_out("multi-label", y, 3) == {0: "absent", 1: "present in every sample"}
 
 
+def test_absent_class_is_named_in_a_warning_and_the_report(tmp_path, caplog):
+    """An absent class leaves the mean AUC as before, but a warning and the report's notes say which."""
+    import json
+    import logging
+
+    from ignite.engine import Engine
+
+    from custom_components.handlers.report import MetricsReportWriter
+    from custom_components.metrics.medmnist_metrics import MedMNISTACC, MedMNISTAUC
+
+    arrays = {f"{s}_images": np.zeros((6, 28, 28, 3), np.uint8) for s in ("train", "val", "test")}
+    arrays.update({f"{s}_labels": np.array([[0], [1], [2], [0], [1], [2]], np.uint8) for s in ("train", "val", "test")})
+    ds = MedMNISTDataset(_write(tmp_path / "pathmnist.npz", **arrays), "test")  # 9 classes, 3 present
+    logits = torch.randn(6, 9, generator=torch.Generator().manual_seed(0))
+
+    def step(engine, batch):
+        i = engine.state.iteration - 1 - (engine.state.epoch - 1) * 2
+        return logits[3 * i: 3 * i + 3], batch["label"]
+
+    engine = Engine(step)
+    MedMNISTAUC("multi-class").attach(engine, "AUC")
+    MedMNISTACC("multi-class").attach(engine, "ACC")
+    MetricsReportWriter(tmp_path / "eval", metric_names=["ACC", "AUC"]).attach(engine)
+    with caplog.at_level(logging.WARNING):
+        state = engine.run(torch.utils.data.DataLoader(ds, batch_size=3), max_epochs=2)  # 2 epochs: one warning
+    expected = medmnist_metrics("multi-class", torch.softmax(logits.double(), 1), ds.labels)["AUC"]
+    assert state.metrics["AUC"] == pytest.approx(expected)  # value semantics unchanged
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1, warned
+    for words in ("AUC (MedMNISTAUC)", "classes 3, 4, 5, 6, 7, 8 absent", "'test' split (6 samples)", "other 3 of 9"):
+        assert words in warned[0], warned[0]
+    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert report["notes"] == warned
+    assert f"- {warned[0]}" in (tmp_path / "eval" / "metrics.md").read_text()
+
+
 def test_metrics_agree_with_sklearn():
     rng = np.random.default_rng(0)
     # binary: (N, 2) softmax scores -> last column; also (N,) scores
