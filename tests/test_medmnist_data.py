@@ -274,3 +274,41 @@ def test_metrics_agree_with_sklearn():
     m = medmnist_metrics("multi-label, binary-class", probs, y)
     assert m["AUC"] == pytest.approx(roc_auc_score(y, probs, average="macro"))
     assert m["ACC"] == pytest.approx(np.mean([accuracy_score(y[:, i], probs[:, i] > 0.5) for i in range(5)]))
+
+
+@pytest.mark.parametrize("bundle, name, dim", [("medvit_medmnist2d", "pathmnist", 2),
+                                               ("medvit3d_medmnist3d", "nodulemnist3d", 3)])
+def test_bundle_npz_path_any_name(tmp_path, bundle, name, dim):
+    """--npz_path takes any file name; --dataset then gives the task table; without it one clear error."""
+    from monai.bundle import ConfigParser
+
+    configs = Path(__file__).resolve().parents[1] / "bundles" / bundle / "configs"
+    writer = write_medmnist2d_twin if dim == 2 else write_medmnist3d_twin
+    custom = writer(tmp_path / "export 2024.npz", name=name, n=(4, 3, 2), size=28)
+
+    def parser(**overrides) -> ConfigParser:
+        p = ConfigParser()
+        p.read_config([configs / "train.json", configs / "evaluate.json"])
+        p.update({"dataset_dir": str(tmp_path / "unused"), **overrides})
+        return p
+
+    default = parser()  # unchanged default: <dataset_dir>/<default dataset>.npz
+    assert default.get_parsed_content("npz_path") == str(tmp_path / "unused" / f"{'breastmnist' if dim == 2 else 'organmnist3d'}.npz")
+    p = parser(npz_path=str(custom), dataset=name)
+    assert p.get_parsed_content("dataset_name") == name
+    assert p.get_parsed_content("num_classes") == MEDMNIST_INFO[name]["n_classes"]
+    for key, n in (("train#dataset", 4), ("validate#dataset", 3), ("test#dataset", 2)):
+        ds = p.get_parsed_content(key)
+        assert ds.path == custom and ds.name == name and len(ds) == n
+    with pytest.raises(Exception) as err:  # MONAI wraps it; the bundles' error hook prints the InputDataError
+        parser(npz_path=str(custom)).get_parsed_content("num_classes")
+    from custom_components.errors import find_input_error
+
+    found = find_input_error(err.value)
+    assert found is not None and found.source == str(custom) and "pass --dataset" in found.problem
+    # an official MedMNIST+ name is enough on its own; its side must match --npz_size
+    plus = writer(tmp_path / f"{name}_64.npz", name=name, n=(2, 2, 2), size=64)
+    assert parser(npz_path=str(plus), npz_size=64).get_parsed_content("test#dataset").name == name
+    with pytest.raises(Exception) as err:
+        parser(npz_path=str(plus)).get_parsed_content("test#dataset")
+    assert "--npz_size 64" in find_input_error(err.value).problem
