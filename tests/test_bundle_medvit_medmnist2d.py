@@ -90,6 +90,18 @@ def test_evaluate_reports_official_acc_auc(trained, twin):
     assert report["extra"]["task"] == "binary"
 
 
+def test_evaluate_any_npz_name_with_dataset(trained, twin, tmp_path):
+    """--npz_path with a non-official name: --dataset gives the task table; the report names the file."""
+    import shutil
+
+    custom = shutil.copy(twin / "breastmnist.npz", tmp_path / "breast us, export 2.npz")
+    run(cmd("evaluating", trained, tmp_path / "nowhere", "configs/evaluate.json",
+            args=["--npz_path", str(custom), "--dataset", "breastmnist", "--output_dir", str(tmp_path / "eval")]))
+    report = json.loads((tmp_path / "eval" / "metrics_test.json").read_text())
+    assert report["extra"]["npz"] == str(custom) and report["extra"]["dataset"] == "breastmnist"
+    assert report["n_samples"] == N_SPLITS[2] and report["notes"] == []  # both classes in the test split
+
+
 def test_inference_writes_predictions_csv(trained, twin):
     run(cmd("inferring", trained, twin, "configs/inference.json"))
     rows = list(csv.reader((trained / "eval" / "inference" / "predictions.csv").open()))

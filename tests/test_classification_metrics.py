@@ -283,3 +283,29 @@ def test_report_writer_with_monai_names(tmp_path):
     report = json.loads((tmp_path / "metrics.json").read_text())
     assert report["metrics"] == {"F1": 0.5, "AUROC": None} and report["n_samples"] is None
     assert "| F1 | 50.00 |" in (tmp_path / "metrics.md").read_text()
+
+
+def test_one_class_split_is_noted_once_and_reported(tmp_path, caplog):
+    """AUROC / AP of a split with negatives only stay NaN (n/a), with one warning each and a report note."""
+    import logging
+
+    batches = [(torch.tensor([0.3, -1.0]), torch.tensor([0.0, 0.0])), (torch.tensor([2.0]), torch.tensor([0.0]))]
+    engine = Engine(lambda e, batch: batch)
+    for name in ("f1", "auroc", "ap"):
+        METRIC_CLASSES[name]().attach(engine, name)
+    MetricsReportWriter(tmp_path, metric_names=["f1", "auroc", "ap"]).attach(engine)
+    with caplog.at_level(logging.WARNING):
+        state = engine.run(batches, max_epochs=3)  # validation-like: every epoch, warned once
+    assert math.isnan(state.metrics["auroc"]) and math.isnan(state.metrics["ap"]) and state.metrics["f1"] == 0.0
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 2 and warned[0].startswith("auroc (AUROC)") and warned[1].startswith("ap (AveragePrecision)")
+    assert all("3 samples" in w and "every sample is negative" in w for w in warned), warned
+    assert state.metric_notes == {"f1": [], "auroc": [warned[0]], "ap": [warned[1]]}
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    assert report["metrics"]["auroc"] is None and report["notes"] == warned
+    md = (tmp_path / "metrics.md").read_text()
+    assert "| auroc | n/a |" in md and f"- {warned[0]}" in md
+    # both classes present: no note, and the notes of the previous run do not leak into a new one
+    m = AUROC()
+    m.update((torch.tensor([0.1, 0.9]), torch.tensor([0, 1])))
+    assert m.compute() == 1.0 and m.undefined is None

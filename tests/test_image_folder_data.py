@@ -23,6 +23,7 @@ from custom_components.data.image_folders import (
     duke_datalist,
     kvasir_datalist,
     mura_datalist,
+    prepare_datalist,
     rasterise_boxes,
     write_datalist,
 )
@@ -130,6 +131,60 @@ def test_kvasir_bad_inputs(kvasir_root, tmp_path):
         kvasir_datalist(tmp_path / "nowhere")
     with pytest.raises(InputDataError, match="no-such-class"):
         kvasir_datalist(root, positive="normal-cecum", negatives=["no-such-class"])
+
+
+def test_truncated_jpeg_found_when_the_datalist_is_built(kvasir_root, tmp_path, monkeypatch):
+    """A JPEG cut short passes PIL's verify(); the datalist check decodes it, once, and names it."""
+    import custom_components.data.image_folders as imf
+
+    root = _copy(kvasir_root, tmp_path)
+    bad = sorted((root / "kvasir-dataset-v2" / "esophagitis").iterdir())[1]
+    whole = bad.read_bytes()
+    bad.write_bytes(whole[: int(len(whole) * 0.6)])
+    with pytest.raises(InputDataError) as err:
+        kvasir_datalist(root, check_images=True)
+    assert str(err.value).startswith(f"{bad}: ") and "truncated" in str(err.value) and "\n" not in str(err.value)
+
+    out = tmp_path / "datalists" / "kvasir.json"
+    record = tmp_path / "datalists" / "kvasir.checked.json"
+    with pytest.raises(InputDataError, match=bad.name):  # the bundles' preparation checks by default
+        prepare_datalist("kvasir", root, out, masks_dir="masks")
+    assert not out.exists()  # no datalist with a broken file in it
+    good = set(json.loads(record.read_text())["files"])  # the files checked before the bad one are kept
+    assert good and str(bad.resolve()) not in good
+
+    bad.write_bytes(whole)  # repaired: only what was not yet recorded is decoded
+    decoded = []
+    real = imf.check_image_file
+    monkeypatch.setattr(imf, "check_image_file", lambda path, what="image": (decoded.append(path), real(path, what)))
+    prepare_datalist("kvasir", root, out, masks_dir="masks")
+    datalist = json.loads(out.read_text())
+    n_files = sum(1 + ("mask" in e) for v in datalist.values() for e in v)
+    assert len(decoded) == n_files - len(good) and bad in decoded
+    assert len(json.loads(record.read_text())["files"]) == n_files
+    decoded.clear()
+    prepare_datalist("kvasir", root, out, masks_dir="masks")  # a re-run (every bundle run) decodes nothing
+    assert decoded == []
+    bad.write_bytes(whole[:-100])  # changed since the check (size / mtime): decoded again, and refused
+    with pytest.raises(InputDataError, match=bad.name):
+        prepare_datalist("kvasir", root, out, masks_dir="masks")
+    assert decoded == [bad]
+    prepare_datalist("kvasir", root, out, check_images=False)  # opt out: existence only
+
+
+def test_unreadable_file_in_getitem_names_the_file(kvasir_root, tmp_path):
+    """Found mid-epoch (a datalist built without the check): InputDataError with the path, not a PIL traceback."""
+    root = _copy(kvasir_root, tmp_path)
+    dl = kvasir_datalist(root, masks_dir="masks")
+    entries = [e for e in dl["training"] + dl["validation"] + dl["test"] if "mask" in e][:2]
+    image, mask = root / entries[0]["image"], root / entries[1]["mask"]
+    image.write_bytes(image.read_bytes()[:-400])
+    mask.write_bytes(mask.read_bytes()[:60])
+    ds = ImageFolderDataset(entries, root, image_size=32)
+    for i, path in enumerate((image, mask)):
+        with pytest.raises(InputDataError) as err:
+            ds[i]
+        assert err.value.source == str(path) and "\n" not in str(err.value), str(err.value)
 
 
 # --------------------------------------------------------------------------- MURA

@@ -266,6 +266,23 @@ def test_bad_label(tmp_path):
     _expect_error(root, tmp_path / "out", "segmentation-15.nii", "outside {0, 1, 2}: 3")
 
 
+@pytest.mark.parametrize("relabel, words", [
+    (lambda a: np.where(a == 1, 0, a).astype(np.uint8), "only labels 0 and 2"),  # tumour-only convention
+    (np.zeros_like, "all background"),
+])
+def test_organ_target_needs_the_liver_label(tmp_path, relabel, words):
+    """seg > 0 on a map without label 1 would be wrong liver labels: an error naming the file, not a silent run."""
+    root = one_case(tmp_path)
+    seg = root / "segmentations" / "segmentation-15.nii"
+    _rewrite(seg, relabel)
+    _expect_error(root, tmp_path / "out", seg.name, "no liver label (1)", words, "--target organ")
+    with pytest.raises(InputDataError, match="no liver label"):
+        load_volume(root / "scans" / "volume-15.nii", seg, image_size=16)
+    # the lesion target reads label 2 only: a map without liver (or without anything) is fine there
+    _, mask = load_volume(root / "scans" / "volume-15.nii", seg, image_size=16, target="lesion")
+    assert mask.shape == (SHAPE[2], 16, 16)
+
+
 def test_nan_and_4d(tmp_path):
     root = one_case(tmp_path)
     f = root / "scans" / "volume-15.nii"

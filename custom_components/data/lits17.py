@@ -11,7 +11,12 @@ Transform (spec section 6):
   axis; no reorientation (the affine is ignored, like the reference code); all slices kept;
 * ``target="organ"`` (the paper's setting): mask = seg > 0 (liver incl. tumour), slice label =
   liver present; ``target="lesion"``: mask = seg == 2, slice label = tumour present. Labels are
-  taken at native resolution;
+  taken at native resolution. For ``organ`` a segmentation without any liver voxel (label 1) is
+  an **error**, not a warning: every LiTS scan is a liver CT whose reference segmentation
+  labels the liver, so a label map without 1 follows another convention (e.g. a tumour-only
+  0/2 map) or is an empty export, and ``seg > 0`` would silently turn it into wrong liver
+  labels for every slice. The spec (``specs/lgmvit.md`` section 6) gives no case for going on.
+  ``target="lesion"`` reads label 2 only and accepts maps without it (tumour-free scans);
 * intensities: by default raw HU min-maxed **per slice** to [0, 1] (constant slice -> zeros);
   with ``hu_window=(lo, hi)`` each slice is first clipped to [lo, hi] HU and *then* min-maxed per
   slice. Most abdominal CT slices contain air (< lo) and bone (> hi), so this is in practice the
@@ -175,6 +180,17 @@ def _check_labels(case: str, path: Path, seg: np.ndarray) -> None:
     raise InputDataError(path, f"case {case}: segmentation labels outside {{0, 1, 2}}: {shown}")
 
 
+def _check_liver(case: str, path: Path, seg: np.ndarray) -> None:
+    """``target="organ"`` needs the liver label 1 somewhere; see the module docstring for why this is an error."""
+    if (seg == 1).any():
+        return
+    present = "no label at all (all background)" if not seg.any() else "only labels 0 and 2 (tumour, no liver)"
+    raise InputDataError(
+        path, f"case {case}: no liver label (1) in the segmentation, {present}; --target organ needs the LiTS"
+              f" labels 0 background / 1 liver / 2 tumour (relabel the file; --target lesion reads label 2 only)",
+    )
+
+
 def _parse_window(hu_window) -> tuple[float, float] | None:
     if hu_window is None:
         return None
@@ -222,6 +238,8 @@ def _load(
         )
     seg = _read(case, seg_path, seg_img)
     _check_labels(case, seg_path, seg)
+    if target == "organ":
+        _check_liver(case, seg_path, seg)
     fg = seg > 0 if target == "organ" else seg == 2
     del seg
     # nibabel arrays are (x, y, z); (z, y, x) is slice-major like the BraTS store
@@ -265,8 +283,8 @@ def load_volume(
     """Load one LiTS volume as ``image`` float32 (S, 3, size, size) and ``mask`` uint8 (S, size, size).
 
     Raises :class:`InputDataError` naming the case and the file for a missing segmentation,
-    unreadable/truncated files, non-3-D volumes, shape mismatches, NaN/Inf intensities and
-    labels outside {0, 1, 2}.
+    unreadable/truncated files, non-3-D volumes, shape mismatches, NaN/Inf intensities,
+    labels outside {0, 1, 2} and, for ``target="organ"``, a segmentation without liver (label 1).
     """
     image, mask, _, _ = _load(
         Path(volume_path), None if seg_path is None else Path(seg_path), int(image_size),

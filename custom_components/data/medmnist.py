@@ -24,7 +24,17 @@ from torch.utils.data import Dataset
 
 from custom_components.io import InputDataError
 
-__all__ = ["MEDMNIST_INFO", "MedMNISTDataset", "medmnist_metrics", "roc_auc", "infer_medmnist_name", "TASKS"]
+__all__ = [
+    "MEDMNIST_INFO",
+    "MedMNISTDataset",
+    "medmnist_metrics",
+    "auc_left_out",
+    "roc_auc",
+    "infer_medmnist_name",
+    "infer_medmnist_size",
+    "resolve_medmnist_name",
+    "TASKS",
+]
 
 TASKS = ("binary", "multi-class", "multi-label", "ordinal-regression")
 # official task strings of medmnist/info.py -> the short names used here
@@ -73,14 +83,63 @@ MEDMNIST_INFO: dict[str, dict[str, Any]] = {
 }
 
 SPLITS = ("train", "val", "test")
+# official file names: <name>.npz (28 px, MedMNIST v2) or <name>_<side>.npz (MedMNIST+)
+_NAME_RE = re.compile(r"^(?P<name>.+?)(?:_(?P<size>28|64|128|224))?(?:\.npz)?$")
+
+
+def _parse_name(path: str | os.PathLike) -> tuple[str, int] | None:
+    m = _NAME_RE.match(Path(path).name.lower())
+    if m is None or m.group("name") not in MEDMNIST_INFO:
+        return None
+    return m.group("name"), int(m.group("size") or 28)
 
 
 def infer_medmnist_name(path: str | os.PathLike) -> str | None:
     """``breastmnist.npz`` / ``breastmnist_224.npz`` / ``OrganMNIST3D_64.npz`` -> the table key, else None."""
-    stem = Path(path).name.lower()
-    stem = re.sub(r"\.npz$", "", stem)
-    stem = re.sub(r"_(28|64|128|224)$", "", stem)
-    return stem if stem in MEDMNIST_INFO else None
+    parsed = _parse_name(path)
+    return parsed[0] if parsed else None
+
+
+def infer_medmnist_size(path: str | os.PathLike) -> int | None:
+    """Image side an official file name promises: ``breastmnist_224.npz`` -> 224, ``breastmnist.npz`` -> 28.
+
+    ``None`` for a name that is not an official MedMNIST file name (a custom name says nothing).
+    """
+    parsed = _parse_name(path)
+    return parsed[1] if parsed else None
+
+
+def resolve_medmnist_name(npz_path: str | os.PathLike, dataset: str | None = None, dim: int | None = None) -> str:
+    """The :data:`MEDMNIST_INFO` key whose task table applies to ``npz_path``.
+
+    ``dataset`` (the bundles' ``--dataset``) wins when given, so a file of any name can be read;
+    without it the official file name decides. Raises :class:`InputDataError` naming the file
+    when the name says nothing and no dataset is given, when ``dataset`` is unknown or of another
+    dimensionality than ``dim`` (2 or 3), and when an official file name names another dataset
+    than ``dataset`` (almost certainly a wrong ``--dataset`` or ``--npz_path``). Reads no file.
+    """
+    from_name = infer_medmnist_name(npz_path)
+    names = sorted(k for k, v in MEDMNIST_INFO.items() if dim is None or v["dim"] == dim)
+    if dataset:
+        name = str(dataset).lower()
+        if name not in MEDMNIST_INFO:
+            raise InputDataError(npz_path, f"unknown MedMNIST dataset {dataset!r} (--dataset): expected one of {names}")
+        if from_name is not None and from_name != name:
+            raise InputDataError(
+                npz_path, f"the file name is that of {from_name} but the dataset is {name}: pass --dataset {from_name}"
+                          f" (or rename the file if it really holds {name})",
+            )
+    elif from_name is not None:
+        name = from_name
+    else:
+        raise InputDataError(
+            npz_path, f"unknown MedMNIST dataset: the file name is not an official MedMNIST name, so pass --dataset"
+                      f" (name= in Python) with one of {names}",
+        )
+    if dim is not None and MEDMNIST_INFO[name]["dim"] != dim:
+        raise InputDataError(npz_path, f"{name} is a {MEDMNIST_INFO[name]['dim']}-D MedMNIST dataset; this reader takes"
+                                       f" the {dim}-D ones: {names}")
+    return name
 
 
 class MedMNISTDataset(Dataset):
@@ -90,23 +149,29 @@ class MedMNISTDataset(Dataset):
     (C = 1 grey, 3 RGB) and (1, D, H, W) for 3-D; labels a 0-d int64 tensor (class index) for
     binary / multi-class / ordinal tasks and a float32 (C,) 0/1 vector for multi-label. ``transform``
     (optional) is applied to the whole dict. ``name`` selects the :data:`MEDMNIST_INFO` row (default:
-    inferred from the file name). Validation errors (unreadable file, missing key, wrong
-    dimensionality or channels, non-uint8 images, image/label length mismatch, labels out of range)
-    raise :class:`~custom_components.io.InputDataError` naming the file and the key.
+    inferred from the official file name; required for any other file name, see
+    :func:`resolve_medmnist_name`). ``size`` (optional, the bundles' ``npz_size``) is the image side
+    the caller expects.
+
+    Validation errors raise :class:`~custom_components.io.InputDataError` naming the file and the
+    key: unreadable file, missing or empty split, wrong dimensionality or channels, images that are
+    not square (2-D) / cubic (3-D), a side other than the one the official file name promises
+    (``breastmnist_224.npz``: 224; ``breastmnist.npz``: 28) or than ``size``, non-uint8 images,
+    image/label length mismatch, labels out of range. Nothing is resized here, so a wrong shape
+    stops the run instead of being silently interpolated by the bundle's ``Resized``.
     """
 
     def __init__(self, npz_path: str | os.PathLike, split: str = "train",
-                 transform: Callable[[dict[str, Any]], Any] | None = None, name: str | None = None):
+                 transform: Callable[[dict[str, Any]], Any] | None = None, name: str | None = None,
+                 size: int | None = None):
         self.path = Path(npz_path)
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         self.split = split
         self.transform = transform
-        name = (name.lower() if name else None) or infer_medmnist_name(self.path)
-        if name not in MEDMNIST_INFO:
-            raise InputDataError(self.path, f"unknown MedMNIST dataset {name!r}: pass name= one of {sorted(MEDMNIST_INFO)}")
-        self.name = name
-        self.info = MEDMNIST_INFO[name]
+        self.size = int(size) if size is not None else None
+        self.name = resolve_medmnist_name(self.path, name)
+        self.info = MEDMNIST_INFO[self.name]
         self.task: str = self.info["task"]
         self.images, self.labels = self._load()
 
@@ -119,7 +184,8 @@ class MedMNISTDataset(Dataset):
                 keys = set(npz.files)
                 for key in (img_key, lab_key):
                     if key not in keys:
-                        raise InputDataError(self.path, f"missing key {key!r} (has {sorted(keys)})")
+                        raise InputDataError(self.path, f"no {self.split!r} split: missing key {key!r}"
+                                                        f" (the file has {sorted(keys)})")
                 images = npz[img_key]
                 labels = npz[lab_key]
         except InputDataError:
@@ -142,6 +208,7 @@ class MedMNISTDataset(Dataset):
             expected = "(N, D, H, W)"
         if not ok:
             raise InputDataError(self.path, f"key {img_key!r}: expected {self.name} images {expected}, got shape {images.shape}")
+        self._check_side(img_key, images.shape[1:1 + dim])
 
         if labels.ndim == 1:
             labels = labels[:, None]
@@ -166,7 +233,26 @@ class MedMNISTDataset(Dataset):
                     self.path,
                     f"key {lab_key!r}: labels out of range [0, {n - 1}] for {self.name} (found {labels.min()}..{labels.max()})",
                 )
+        if images.shape[0] == 0:
+            # an empty split would only fail later, inside the sampler or the metrics, with a traceback
+            raise InputDataError(self.path, f"the {self.split!r} split is empty ({img_key!r} has shape {images.shape})")
         return images, labels.astype(np.int64)
+
+    def _check_side(self, img_key: str, spatial: tuple[int, ...]) -> None:
+        """Square / cubic images of the side the file name (and ``size``) promise."""
+        shown = " x ".join(str(v) for v in spatial)
+        if len(set(spatial)) != 1:
+            kind = "square" if len(spatial) == 2 else "cubic"
+            raise InputDataError(self.path, f"key {img_key!r}: {self.name} images must be {kind}, got {shown}")
+        side = spatial[0]
+        from_name = infer_medmnist_size(self.path)
+        if from_name is not None and side != from_name:
+            official = f"{self.name}.npz" if side == 28 else f"{self.name}_{side}.npz"
+            raise InputDataError(self.path, f"key {img_key!r}: images are {shown} but the file name promises {from_name}"
+                                            f" (a {side}-pixel file is named {official})")
+        if self.size is not None and side != self.size:
+            raise InputDataError(self.path, f"key {img_key!r}: images are {shown} but {self.size} was expected:"
+                                            f" pass --npz_size {side} (size= in Python)")
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -209,6 +295,31 @@ def roc_auc(y_true: np.ndarray, y_score: np.ndarray) -> float:
     return float((ranks[y_true].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
+def auc_left_out(task: str, labels: Any, n_columns: int) -> dict[int, str]:
+    """Score columns whose ROC-AUC :func:`medmnist_metrics` cannot define, with the reason.
+
+    ``{column: "absent" | "present in every sample"}``: a multi-class / ordinal class with no sample
+    (or that is every sample), a multi-label label that is never / always positive. For binary
+    tasks the one AUC is undefined when either class is missing (key 1 = the positive class).
+    Such columns are left out of the mean AUC (NaN when none is left); the ignite metric
+    :class:`custom_components.metrics.medmnist_metrics.MedMNISTAUC` reports them.
+    """
+    task = _TASK_ALIASES[task]
+    y = np.asarray(labels.detach().cpu() if isinstance(labels, torch.Tensor) else labels)
+    if task == "multi-label":
+        pos = (y.reshape(y.shape[0], -1) > 0.5).sum(axis=0)
+        n = y.shape[0]
+        return {int(c): ("absent" if pos[c] == 0 else "present in every sample") for c in range(pos.size) if pos[c] in (0, n)}
+    y = y.reshape(-1).astype(np.int64)
+    counts = np.bincount(y[(y >= 0) & (y < max(n_columns, 2))], minlength=max(n_columns, 2))
+    if task == "binary":
+        if counts[0] and counts[1]:
+            return {}
+        return {1: "absent" if counts[1] == 0 else "present in every sample"}
+    return {int(c): ("absent" if counts[c] == 0 else "present in every sample")
+            for c in range(n_columns) if counts[c] in (0, y.size)}
+
+
 def medmnist_metrics(task: str, scores: Any, labels: Any, threshold: float = 0.5) -> dict[str, float]:
     """ACC and AUC with the official MedMNIST semantics (``medmnist/evaluator.py``).
 
@@ -223,7 +334,8 @@ def medmnist_metrics(task: str, scores: Any, labels: Any, threshold: float = 0.5
       ACC = argmax accuracy.
 
     Deviation: a label/class with only one outcome present gets NaN and is left out of the mean
-    (the official code raises); AUC is NaN if no column is defined.
+    (the official code raises); AUC is NaN if no column is defined. :func:`auc_left_out` names
+    those columns; the ignite metric warns and records them for the report.
     """
     if task not in _TASK_ALIASES:
         raise ValueError(f"unknown task {task!r}; expected one of {sorted(_TASK_ALIASES)}")

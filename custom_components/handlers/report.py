@@ -108,10 +108,13 @@ class MetricsReportWriter:
 
     JSON layout::
 
-        {"title": ..., "metrics": {"f1": 0.914, ...}, "n_samples": 1234, "extra": {...}}
+        {"title": ..., "metrics": {"f1": 0.914, ...}, "n_samples": 1234, "extra": {...}, "notes": [...]}
 
     ``n_samples`` comes from ``engine.state.metric_sample_counts`` (set by
     :class:`custom_components.metrics.EpochScoreMetric`) or a ``"n"`` metric, else ``null``.
+    ``notes`` are the reported metrics' entries of ``engine.state.metric_notes`` (e.g. a class
+    left out of a mean AUC, an AUROC undefined on a one-class split), also listed under the
+    Markdown table, so that a number is never read without its caveat.
     """
 
     def __init__(
@@ -155,20 +158,36 @@ class MetricsReportWriter:
             return int(_json_value(state_metrics["n"]))
         return None
 
-    def build_report(self, state_metrics: Mapping[str, Any], n_samples: int | None = None) -> tuple[dict, str]:
+    def _notes(self, engine: Engine) -> list[str]:
+        """Notes of the reported metrics, in report order, each once."""
+        by_metric = getattr(engine.state, "metric_notes", None)
+        if not isinstance(by_metric, Mapping):
+            return []
+        out: list[str] = []
+        for key in self.metric_names:
+            for note in by_metric.get(key, ()):
+                if note not in out:
+                    out.append(str(note))
+        return out
+
+    def build_report(self, state_metrics: Mapping[str, Any], n_samples: int | None = None,
+                     notes: Sequence[str] = ()) -> tuple[dict, str]:
         """The JSON object and the Markdown text for ``state_metrics`` (no file I/O)."""
         values: dict[str, Any] = {}
         for key, label in self.metric_names.items():
             if key not in state_metrics:
                 logger.warning("metric %r not found in engine.state.metrics (have %s)", key, sorted(state_metrics))
             values[label] = _json_value(state_metrics.get(key))
-        report = {"title": self.title, "metrics": values, "n_samples": n_samples, "extra": self.extra}
+        report = {"title": self.title, "metrics": values, "n_samples": n_samples, "extra": self.extra,
+                  "notes": list(notes)}
         rows = [{"metric": label, "value": format_percent(v)} for label, v in values.items()]
         md = f"# {self.title}\n\n" + markdown_table(rows, ["metric", "value"])
         if n_samples is not None:
             md += f"\nValues in percent; {n_samples} samples.\n"
         else:
             md += "\nValues in percent.\n"
+        if notes:
+            md += "\nNotes:\n" + "".join(f"- {n}\n" for n in notes)
         return report, md
 
     def __call__(self, engine: Engine) -> None:
@@ -176,7 +195,7 @@ class MetricsReportWriter:
         if idist.get_rank() != 0:
             return
         state_metrics = dict(engine.state.metrics)
-        report, md = self.build_report(state_metrics, self._num_samples(engine, state_metrics))
+        report, md = self.build_report(state_metrics, self._num_samples(engine, state_metrics), self._notes(engine))
         atomic_save_json(report, self.json_path)
         atomic_write_text(md, self.markdown_path)
         logger.info("metrics report written to %s and %s", self.json_path, self.markdown_path)

@@ -26,10 +26,15 @@ Conventions
     when there is no positive and ``1.0`` when all samples are positive; we return ``nan``
     for both so that a degenerate split is visible in a report instead of looking like a
     real score.
+
+  The ignite metrics below also say so: an undefined value is logged once per metric (rank 0)
+  and recorded in ``engine.state.metric_notes[name]``, which
+  :class:`custom_components.handlers.report.MetricsReportWriter` writes under ``"notes"``.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Callable, Sequence
 
@@ -54,7 +59,11 @@ __all__ = [
     "AUROC",
     "AveragePrecision",
     "CohenKappa",
+    "record_metric_notes",
+    "evaluated_split",
 ]
+
+logger = logging.getLogger(__name__)
 
 ArrayLike = Any  # torch.Tensor, numpy array or a sequence of numbers
 
@@ -270,6 +279,31 @@ def gather_rows(rows: torch.Tensor) -> torch.Tensor:
     return torch.cat([gathered[r, : int(shapes[r][0])] for r in range(ws)], dim=0).cpu()
 
 
+def evaluated_split(engine: Any, n_samples: int) -> str:
+    """``"the 'test' split (156 samples)"`` when the engine's dataset names its split, else ``"156 samples"``."""
+    dataset = getattr(getattr(getattr(engine, "state", None), "dataloader", None), "dataset", None)
+    split = getattr(dataset, "split", None)
+    return f"the {split!r} split ({n_samples} samples)" if isinstance(split, str) else f"{n_samples} samples"
+
+
+def record_metric_notes(engine: Any, name: str, notes: Sequence[str], warned: set[str]) -> None:
+    """Store ``notes`` as ``engine.state.metric_notes[name]`` and log each note not in ``warned`` once.
+
+    Validation runs every epoch: ``warned`` (kept by the metric) stops the same warning from
+    repeating; only rank 0 logs, so ``torchrun`` does not print it once per process.
+    """
+    all_notes = getattr(engine.state, "metric_notes", None)
+    if not isinstance(all_notes, dict):
+        all_notes = {}
+        engine.state.metric_notes = all_notes
+    all_notes[name] = list(notes)
+    for note in notes:
+        if note not in warned:
+            warned.add(note)
+            if idist.get_rank() == 0:
+                logger.warning("%s", note)
+
+
 class EpochScoreMetric(Metric):
     """Base ignite metric: pools positive-class probabilities and labels over an epoch.
 
@@ -283,7 +317,9 @@ class EpochScoreMetric(Metric):
     are allowed), then calls :meth:`score`. Subclasses implement :meth:`score`.
 
     After each epoch, the number of pooled samples is also stored in
-    ``engine.state.metric_sample_counts[name]`` so that report writers can show it.
+    ``engine.state.metric_sample_counts[name]`` so that report writers can show it, and a value
+    left undefined by the data (:meth:`undefined_reason`) in ``engine.state.metric_notes[name]``
+    (see :func:`record_metric_notes`).
     """
 
     def __init__(
@@ -296,6 +332,8 @@ class EpochScoreMetric(Metric):
         self._probs: list[torch.Tensor] = []
         self._labels: list[torch.Tensor] = []
         self.num_samples = 0
+        self.undefined: str | None = None  # why the last computed value is NaN, if the data explain it
+        self._warned: set[str] = set()
         # skip_unrolling: we stack decollated lists ourselves, one update per batch instead of
         # ignite's one update per sample.
         super().__init__(output_transform=output_transform, device=device, skip_unrolling=True)
@@ -305,6 +343,7 @@ class EpochScoreMetric(Metric):
         self._probs = []
         self._labels = []
         self.num_samples = 0
+        self.undefined = None
 
     @reinit__is_reduced
     def update(self, output: Sequence[Any]) -> None:
@@ -333,11 +372,17 @@ class EpochScoreMetric(Metric):
         if probs.numel() == 0:
             raise NotComputableError(f"{type(self).__name__} must have at least one example before it can be computed")
         self.num_samples = int(probs.numel())
-        return float(self.score(probs, labels))
+        value = float(self.score(probs, labels))
+        self.undefined = self.undefined_reason(probs, labels) if math.isnan(value) else None
+        return value
 
     def score(self, probs: torch.Tensor, labels: torch.Tensor) -> float:
         """The metric value from pooled probabilities and 0/1 labels (override)."""
         raise NotImplementedError
+
+    def undefined_reason(self, probs: torch.Tensor, labels: torch.Tensor) -> str | None:
+        """Why :meth:`score` gave NaN on these data (override), e.g. ``"all samples are negative"``."""
+        return None
 
     def completed(self, engine: Any, name: str) -> None:
         super().completed(engine, name)
@@ -346,6 +391,20 @@ class EpochScoreMetric(Metric):
             counts = {}
             engine.state.metric_sample_counts = counts
         counts[name] = self.num_samples
+        notes = []
+        if self.undefined is not None:
+            notes.append(f"{name} ({type(self).__name__}) is undefined (NaN, n/a in the report) on "
+                         f"{evaluated_split(engine, self.num_samples)}: {self.undefined}")
+        record_metric_notes(engine, name, notes, self._warned)
+
+
+def _one_class(labels: torch.Tensor) -> str | None:
+    n_pos = int((labels > 0.5).sum())
+    if n_pos == 0:
+        return "every sample is negative (label 0), so there is no positive to rank"
+    if n_pos == labels.numel():
+        return "every sample is positive (label 1), so there is no negative to rank"
+    return None
 
 
 class F1(EpochScoreMetric):
@@ -368,6 +427,9 @@ class AUROC(EpochScoreMetric):
     def score(self, probs: torch.Tensor, labels: torch.Tensor) -> float:
         return auroc(probs, labels)
 
+    def undefined_reason(self, probs: torch.Tensor, labels: torch.Tensor) -> str | None:
+        return _one_class(labels)
+
 
 class AveragePrecision(EpochScoreMetric):
     """Epoch average precision (``threshold`` unused; ``nan`` with a single class)."""
@@ -375,9 +437,16 @@ class AveragePrecision(EpochScoreMetric):
     def score(self, probs: torch.Tensor, labels: torch.Tensor) -> float:
         return average_precision(probs, labels)
 
+    def undefined_reason(self, probs: torch.Tensor, labels: torch.Tensor) -> str | None:
+        return _one_class(labels)
+
 
 class CohenKappa(EpochScoreMetric):
     """Epoch Cohen's kappa at ``probability > threshold``."""
 
     def score(self, probs: torch.Tensor, labels: torch.Tensor) -> float:
         return cohen_kappa(probs, labels, self.threshold)
+
+    def undefined_reason(self, probs: torch.Tensor, labels: torch.Tensor) -> str | None:
+        # NaN only when labels and predictions are all one and the same class
+        return "labels and predictions are all the same single class (chance agreement is 1)"

@@ -9,6 +9,11 @@ binary logit) and call :func:`custom_components.data.medmnist.medmnist_metrics`.
 ``output_transform(engine.state.output)`` must give ``(y_pred, y)``: logits (B, C) (or
 per-sample (C,) tensors, MONAI's decollated output with ``from_engine(["pred", "label"])``) and
 labels (B,) / (B, 1) class indices or (B, C) 0/1 for multi-label.
+
+A class (label) with one outcome only in the evaluated split has no ROC-AUC; like the values of
+:func:`~custom_components.data.medmnist.medmnist_metrics`, :class:`MedMNISTAUC` averages over the
+other classes, but it says so: one warning per metric naming the classes, the split and its
+size, and the same text in ``engine.state.metric_notes[name]`` for the metrics report.
 """
 
 from __future__ import annotations
@@ -21,8 +26,17 @@ from ignite.exceptions import NotComputableError
 from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced
 
-from custom_components.data.medmnist import _TASK_ALIASES, medmnist_metrics
-from custom_components.metrics.classification import _stack, gather_rows
+from custom_components.data.medmnist import (
+    _TASK_ALIASES,
+    auc_left_out,
+    medmnist_metrics,
+)
+from custom_components.metrics.classification import (
+    _stack,
+    evaluated_split,
+    gather_rows,
+    record_metric_notes,
+)
 
 __all__ = ["MedMNISTMetric", "MedMNISTACC", "MedMNISTAUC", "logits_to_scores"]
 
@@ -57,6 +71,9 @@ class MedMNISTMetric(Metric):
         self._scores: list[torch.Tensor] = []
         self._labels: list[torch.Tensor] = []
         self.num_samples = 0
+        self.left_out: dict[int, str] = {}  # columns without a defined AUC in the last compute()
+        self.num_columns = 0
+        self._warned: set[str] = set()
         super().__init__(output_transform=output_transform, device=device, skip_unrolling=True)
 
     @reinit__is_reduced
@@ -64,6 +81,7 @@ class MedMNISTMetric(Metric):
         self._scores = []
         self._labels = []
         self.num_samples = 0
+        self.left_out = {}
 
     @reinit__is_reduced
     def update(self, output: Sequence[Any]) -> None:
@@ -99,6 +117,9 @@ class MedMNISTMetric(Metric):
         self.num_samples = int(s.shape[0])
         if _TASK_ALIASES[self.task] != "multi-label":
             y = y[:, 0].to(torch.int64)
+        if self.key == "AUC":
+            self.num_columns = int(s.shape[1])
+            self.left_out = auc_left_out(self.task, y, self.num_columns)
         return float(self.score(s, y))
 
     def score(self, scores: torch.Tensor, labels: torch.Tensor) -> float:
@@ -111,6 +132,25 @@ class MedMNISTMetric(Metric):
             counts = {}
             engine.state.metric_sample_counts = counts
         counts[name] = self.num_samples
+        record_metric_notes(engine, name, self._notes(engine, name), self._warned)
+
+    def _notes(self, engine: Any, name: str) -> list[str]:
+        if not self.left_out:
+            return []
+        head = f"{name} ({type(self).__name__}) on {evaluated_split(engine, self.num_samples)}"
+        if _TASK_ALIASES[self.task] == "binary":
+            return [f"{head}: the positive class 1 is {self.left_out[1]}, so the AUC is undefined (NaN)"]
+        word = "label" if _TASK_ALIASES[self.task] == "multi-label" else "class"
+        groups = []
+        for reason in ("absent", "present in every sample"):
+            cols = [str(c) for c, why in self.left_out.items() if why == reason]
+            if cols:
+                plural = f"{word}es" if word == "class" else f"{word}s"
+                groups.append(f"{plural if len(cols) > 1 else word} {', '.join(cols)} {reason}")
+        kept = self.num_columns - len(self.left_out)
+        mean = (f"the mean AUC is over the other {kept} of {self.num_columns} {word}s" if kept
+                else "the AUC is undefined (NaN)")
+        return [f"{head}: {'; '.join(groups)}; their AUC is undefined and left out, so {mean}"]
 
 
 class MedMNISTACC(MedMNISTMetric):
