@@ -130,7 +130,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device | 
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # corrupt, truncated or pickled with non-tensor objects
-        raise InputDataError(path, f"cannot load checkpoint ({type(e).__name__}: {e})") from e
+        # torch's messages run to several sentences of advice; the first says what is wrong
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        first = first.split(". ")[0].rstrip(".")
+        raise InputDataError(path, f"cannot load checkpoint ({type(e).__name__}: {first})") from e
 
 
 def state_dict_mismatch(module: torch.nn.Module, state: Mapping[str, Any]) -> str | None:

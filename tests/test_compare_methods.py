@@ -54,3 +54,15 @@ def test_compare_methods_table(tmp_path):
     assert "seed 42 ..." not in stdout and stdout.count("seed 43 ...") == 2, stdout[-2000:]
     assert (out / "baseline_seed42" / "eval" / "metrics_test.json").stat().st_mtime_ns == first_run
     assert "2 seeds: 42, 43" in (out / "comparison.md").read_text()
+
+
+def test_misspelt_option_stops_the_comparison_before_any_run(tmp_path):
+    cmd = [sys.executable, str(REPO / "scripts" / "compare_methods.py"), "lgmvit_brats20", "--dataset_dir", str(tmp_path),
+           "--demo", "--output_dir", str(tmp_path / "compare"), "--num_epoch", "2"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=subprocess_env())
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: --num_epoch: unknown option (not a key of train.json, demo.json, evaluate.json, inference.json); "
+        "did you mean --num_epochs?"
+    )
+    assert not (tmp_path / "compare").exists()

@@ -269,7 +269,7 @@ def test_training_checkpoint_resume(tmp_path):
     model3 = tiny(seed=7)
     trainer3 = make_trainer(model3, batches, guided(model3), max_epochs=3)
     TrainingCheckpoint(str(tmp_path), {"network": model3}).attach(trainer3)
-    with pytest.raises(ValueError, match="max_epochs"):
+    with pytest.raises(ValueError, match="checkpoint is at epoch 4, beyond num_epochs 3"):
         trainer3.run()
 
 

@@ -314,3 +314,29 @@ def test_iteration_log_filter():
     assert iteration_log(0) is False and iteration_log(-1) is False
     every = iteration_log(50)
     assert [every(None, i) for i in (1, 49, 50, 100, 101)] == [False, False, True, True, False]
+
+
+# ---------------------------------------------------------------- export behind the same checks
+
+
+def test_export_checks_the_checkpoint_and_options_before_monai_exports(tmp_path, monkeypatch):
+    from custom_components.export import export
+
+    monkeypatch.chdir(BRATS.parent)
+    configs = "['configs/train.json','configs/demo.json']"
+    tiny = {"image_size": 32, "network_def#patch_size": 8}
+    parser = ConfigParser()
+    parser.read_config([str(BRATS / "train.json"), str(BRATS / "demo.json")])
+    parser.update(tiny)
+    net = parser.get_parsed_content("network_def")
+    ckpt = tmp_path / "model.pt"
+    torch.save(net.state_dict(), ckpt)
+    with pytest.raises(InputDataError, match="weights do not fit the configured network"):
+        export(configs, str(ckpt), str(tmp_path / "a.ts"), **tiny, **{"network_def#mlp_dim": 64})
+    with pytest.raises(UnknownOptionError, match="did you mean --image_size"):
+        export(configs, str(ckpt), str(tmp_path / "a.ts"), image_sise=32)
+    assert not (tmp_path / "a.ts").exists()
+    out = export(configs, str(ckpt), str(tmp_path / "model.ts"), **tiny)
+    scripted = torch.jit.load(out)
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.allclose(scripted(x), net.eval()(x), atol=1e-5)
