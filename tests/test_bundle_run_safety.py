@@ -13,11 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-from custom_components.data.synthetic import write_brats20_twin
-
 from bundle_utils import REPO, bundle_cmd, kill_once_checkpointed, subprocess_env
 from bundle_utils import run as _run
+
+from custom_components.data.synthetic import write_brats20_twin
 
 BUNDLE = REPO / "bundles" / "lgmvit_brats20"
 
