@@ -111,7 +111,7 @@ def test_bad_files(tmp_path):
     with pytest.raises(InputDataError, match="train_images"):
         MedMNISTDataset(_write(tmp_path / "breastmnist.npz", **arrays), "train")
 
-    with pytest.raises(InputDataError, match="unknown MedMNIST.*pass --dataset"):
+    with pytest.raises(InputDataError, match="unknown MedMNIST.*pass --data_flag"):
         MedMNISTDataset(_write(tmp_path / "mystery.npz", **_valid_arrays()), "train")
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "breastmnist.npz").write_bytes(b"not a zip")
@@ -164,7 +164,7 @@ def test_custom_file_name_needs_the_dataset(tmp_path):
     assert ds.name == "pathmnist" and len(ds) == 9 and ds[0]["image"].shape == (3, 32, 32)
     with pytest.raises(InputDataError) as err:  # nothing to infer from the name, no dataset given
         MedMNISTDataset(custom, "val")
-    _one_line(err, custom, "pass --dataset", "pathmnist")
+    _one_line(err, custom, "pass --data_flag", "pathmnist")
     # the bundles resolve the table without reading the file; dim keeps 3-D sets out of the 2-D bundle
     assert resolve_medmnist_name(custom, "pathmnist", dim=2) == "pathmnist"
     assert resolve_medmnist_name(tmp_path / "bloodmnist_128.npz", None, dim=2) == "bloodmnist"
@@ -175,7 +175,7 @@ def test_custom_file_name_needs_the_dataset(tmp_path):
     official = tmp_path / "organamnist.npz"
     with pytest.raises(InputDataError) as err:  # an official name contradicting --dataset
         resolve_medmnist_name(official, "breastmnist", dim=2)
-    _one_line(err, official, "organamnist", "pass --dataset organamnist")
+    _one_line(err, official, "organamnist", "pass --data_flag organamnist")
 
 
 @pytest.mark.parametrize("dim", [2, 3])
