@@ -157,7 +157,7 @@ def test_shape_transform_follows_the_official_recipe(tmp_path):
 
     parser = ConfigParser()
     parser.read_config([BUNDLE / "configs" / "train.json", BUNDLE / "configs" / "demo.json"])
-    parser.update({"dataset": "vesselmnist3d", "dataset_dir": str(tmp_path)})
+    parser.update({"data_flag": "vesselmnist3d", "dataset_dir": str(tmp_path)})
     assert parser.get_parsed_content("shape_transform") is True
     item = {"image": torch.ones(1, 28, 28, 28), "label": torch.tensor(0)}
     evaluated = parser.get_parsed_content("preprocessing")(dict(item))["image"]
