@@ -38,6 +38,17 @@ METRICS = ("f1", "accuracy", "auroc", "ap", "kappa")
 QUALITY = ("pointing_game", "iou_top10")
 DEFAULT_SEEDS = (42, 43, 44)
 METHOD_ORDER = ("baseline", "gradmask", "robustvit", "res_g", "res_l", "lgmvit")
+# evaluate.json and inference.json both define MONAI's top-level inference ids (dataset, evaluator,
+# inferer): each run merges one of them, so the three workflows run one after the other
+WORKFLOWS_FLAG = "--run_workflows"
+
+
+def run_workflows(workflows: list[dict]) -> None:
+    """Run ``monai.bundle run`` workflows one after the other in this process."""
+    from monai.bundle import run
+
+    for workflow in workflows:
+        run(**workflow)
 
 
 def available_methods(bundle_dir: Path) -> list[str]:
@@ -46,23 +57,17 @@ def available_methods(bundle_dir: Path) -> list[str]:
 
 
 def _run_one(bundle_dir: Path, run_dir: Path, method: str, seed: int, dataset_dir: str, prepared_dir: Path,
-             demo: bool, overrides: list[str]) -> None:  # fmt: skip
-    configs = ["configs/train.json"] + (["configs/demo.json"] if demo else [])
-    configs += [f"configs/methods/{method}.json", "configs/evaluate.json", "configs/inference.json"]
-    workflow = run_dir / "compare_workflow.json"
-    atomic_save_json(
-        {
-            "compare": ["$@train#trainer.run()", "$@test#evaluator.run()", "$@infer#evaluator.run()"],
-            "finalize": ["$@tb_writer.close()"],
-        },
-        workflow,
-    )
-    config_arg = "[" + ",".join(f"'{c}'" for c in configs + [str(workflow)]) + "]"
-    cmd = [
-        sys.executable, "-m", "monai.bundle", "run", "compare", "--config_file", config_arg,
-        "--bundle_root", str(run_dir), "--dataset_dir", str(dataset_dir), "--prepared_dir", str(prepared_dir),
-        "--seed", str(seed), "--resume", "false", *overrides,
-    ]  # fmt: skip
+             demo: bool, overrides: dict) -> None:  # fmt: skip
+    """Train, evaluate and infer one (method, seed) in one child process (MONAI starts once)."""
+    configs = ["configs/train.json"] + (["configs/demo.json"] if demo else []) + [f"configs/methods/{method}.json"]
+    common = {"bundle_root": str(run_dir), "dataset_dir": str(dataset_dir), "prepared_dir": str(prepared_dir),
+              "seed": seed, **overrides}  # fmt: skip
+    workflows = [
+        {"run_id": "training", "config_file": configs, "resume": False, **common},
+        {"run_id": "evaluating", "config_file": configs + ["configs/evaluate.json"], **common},
+        {"run_id": "inferring", "config_file": configs + ["configs/inference.json"], **common},
+    ]
+    cmd = [sys.executable, str(Path(__file__).resolve()), WORKFLOWS_FLAG, json.dumps(workflows)]
     log = run_dir / "log.txt"
     with open(log, "w") as fh:
         proc = subprocess.run(cmd, cwd=bundle_dir, stdout=fh, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
@@ -121,7 +126,6 @@ def compare(
     seed_list = list(seeds) if isinstance(seeds, (list, tuple)) else [DEFAULT_SEEDS[0] + i for i in range(int(seeds))]
     out = Path(output_dir) if output_dir else REPO / "runs" / f"compare_{name}"
     prepared = out / "prepared"
-    extra = [x for k, v in overrides.items() for x in (f"--{k}", str(v))]
     # a misspelt option stops here, before any run, rather than in every run's log
     workflow_configs = ["train.json", "demo.json", "evaluate.json", "inference.json"]
     check_override_ids([bundle_dir / "configs" / c for c in workflow_configs], overrides)
@@ -135,7 +139,7 @@ def compare(
                 run_dir.mkdir(parents=True, exist_ok=True)
                 start = time.time()
                 print(f"[{name}] {method} seed {seed} ...", flush=True)
-                _run_one(bundle_dir, run_dir, method, seed, dataset_dir, prepared, demo, extra)
+                _run_one(bundle_dir, run_dir, method, seed, dataset_dir, prepared, demo, overrides)
                 print(f"[{name}] {method} seed {seed} done in {time.time() - start:.0f} s", flush=True)
             results.setdefault(method, []).append(_read_results(run_dir))
 
@@ -167,6 +171,12 @@ def compare(
 
 
 if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == WORKFLOWS_FLAG:  # the child process of _run_one
+        from custom_components import errors
+
+        errors.install()
+        run_workflows(json.loads(sys.argv[2]))
+        sys.exit(0)
     try:
         fire.Fire(compare)
     except InputDataError as e:

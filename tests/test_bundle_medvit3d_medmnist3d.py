@@ -157,12 +157,12 @@ def test_shape_transform_follows_the_official_recipe(tmp_path):
 
     parser = ConfigParser()
     parser.read_config([BUNDLE / "configs" / "train.json", BUNDLE / "configs" / "demo.json"])
-    parser.update({"dataset": "vesselmnist3d", "dataset_dir": str(tmp_path)})
+    parser.update({"data_flag": "vesselmnist3d", "dataset_dir": str(tmp_path)})
     assert parser.get_parsed_content("shape_transform") is True
     item = {"image": torch.ones(1, 28, 28, 28), "label": torch.tensor(0)}
     evaluated = parser.get_parsed_content("preprocessing")(dict(item))["image"]
     torch.testing.assert_close(evaluated, torch.full_like(evaluated, (0.5 - 0.5) / 0.5))
-    trained_scales = {float(parser.get_parsed_content("train_preprocessing")(dict(item))["image"].flatten()[0]) for _ in range(4)}
+    trained_scales = {float(parser.get_parsed_content("train#preprocessing")(dict(item))["image"].flatten()[0]) for _ in range(4)}
     assert len(trained_scales) == 4 and all(-1.0 <= v <= 1.0 for v in trained_scales)
-    parser.update({"dataset": "organmnist3d"})
+    parser.update({"data_flag": "organmnist3d"})
     assert parser.get_parsed_content("shape_transform", lazy=False) is False

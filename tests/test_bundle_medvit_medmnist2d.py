@@ -96,7 +96,7 @@ def test_evaluate_any_npz_name_with_dataset(trained, twin, tmp_path):
 
     custom = shutil.copy(twin / "breastmnist.npz", tmp_path / "breast us, export 2.npz")
     run(cmd("evaluating", trained, tmp_path / "nowhere", "configs/evaluate.json",
-            args=["--npz_path", str(custom), "--dataset", "breastmnist", "--output_dir", str(tmp_path / "eval")]))
+            args=["--npz_path", str(custom), "--data_flag", "breastmnist", "--output_dir", str(tmp_path / "eval")]))
     report = json.loads((tmp_path / "eval" / "metrics_test.json").read_text())
     assert report["extra"]["npz"] == str(custom) and report["extra"]["dataset"] == "breastmnist"
     assert report["n_samples"] == N_SPLITS[2] and report["notes"] == []  # both classes in the test split

@@ -111,7 +111,7 @@ def test_bad_files(tmp_path):
     with pytest.raises(InputDataError, match="train_images"):
         MedMNISTDataset(_write(tmp_path / "breastmnist.npz", **arrays), "train")
 
-    with pytest.raises(InputDataError, match="unknown MedMNIST.*pass --dataset"):
+    with pytest.raises(InputDataError, match="unknown MedMNIST.*pass --data_flag"):
         MedMNISTDataset(_write(tmp_path / "mystery.npz", **_valid_arrays()), "train")
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "breastmnist.npz").write_bytes(b"not a zip")
@@ -164,7 +164,7 @@ def test_custom_file_name_needs_the_dataset(tmp_path):
     assert ds.name == "pathmnist" and len(ds) == 9 and ds[0]["image"].shape == (3, 32, 32)
     with pytest.raises(InputDataError) as err:  # nothing to infer from the name, no dataset given
         MedMNISTDataset(custom, "val")
-    _one_line(err, custom, "pass --dataset", "pathmnist")
+    _one_line(err, custom, "pass --data_flag", "pathmnist")
     # the bundles resolve the table without reading the file; dim keeps 3-D sets out of the 2-D bundle
     assert resolve_medmnist_name(custom, "pathmnist", dim=2) == "pathmnist"
     assert resolve_medmnist_name(tmp_path / "bloodmnist_128.npz", None, dim=2) == "bloodmnist"
@@ -175,7 +175,7 @@ def test_custom_file_name_needs_the_dataset(tmp_path):
     official = tmp_path / "organamnist.npz"
     with pytest.raises(InputDataError) as err:  # an official name contradicting --dataset
         resolve_medmnist_name(official, "breastmnist", dim=2)
-    _one_line(err, official, "organamnist", "pass --dataset organamnist")
+    _one_line(err, official, "organamnist", "pass --data_flag organamnist")
 
 
 @pytest.mark.parametrize("dim", [2, 3])
@@ -294,10 +294,10 @@ def test_bundle_npz_path_any_name(tmp_path, bundle, name, dim):
 
     default = parser()  # unchanged default: <dataset_dir>/<default dataset>.npz
     assert default.get_parsed_content("npz_path") == str(tmp_path / "unused" / f"{'breastmnist' if dim == 2 else 'organmnist3d'}.npz")
-    p = parser(npz_path=str(custom), dataset=name)
+    p = parser(npz_path=str(custom), data_flag=name)
     assert p.get_parsed_content("dataset_name") == name
     assert p.get_parsed_content("num_classes") == MEDMNIST_INFO[name]["n_classes"]
-    for key, n in (("train#dataset", 4), ("validate#dataset", 3), ("test#dataset", 2)):
+    for key, n in (("train#dataset", 4), ("validate#dataset", 3), ("dataset", 2)):
         ds = p.get_parsed_content(key)
         assert ds.path == custom and ds.name == name and len(ds) == n
     with pytest.raises(Exception) as err:  # MONAI wraps it; the bundles' error hook prints the InputDataError
@@ -305,10 +305,10 @@ def test_bundle_npz_path_any_name(tmp_path, bundle, name, dim):
     from custom_components.errors import find_input_error
 
     found = find_input_error(err.value)
-    assert found is not None and found.source == str(custom) and "pass --dataset" in found.problem
+    assert found is not None and found.source == str(custom) and "pass --data_flag" in found.problem
     # an official MedMNIST+ name is enough on its own; its side must match --npz_size
     plus = writer(tmp_path / f"{name}_64.npz", name=name, n=(2, 2, 2), size=64)
-    assert parser(npz_path=str(plus), npz_size=64).get_parsed_content("test#dataset").name == name
+    assert parser(npz_path=str(plus), npz_size=64).get_parsed_content("dataset").name == name
     with pytest.raises(Exception) as err:
-        parser(npz_path=str(plus)).get_parsed_content("test#dataset")
+        parser(npz_path=str(plus)).get_parsed_content("dataset")
     assert "--npz_size 64" in find_input_error(err.value).problem

@@ -112,28 +112,28 @@ def infer_medmnist_size(path: str | os.PathLike) -> int | None:
 def resolve_medmnist_name(npz_path: str | os.PathLike, dataset: str | None = None, dim: int | None = None) -> str:
     """The :data:`MEDMNIST_INFO` key whose task table applies to ``npz_path``.
 
-    ``dataset`` (the bundles' ``--dataset``) wins when given, so a file of any name can be read;
+    ``dataset`` (the bundles' ``--data_flag``) wins when given, so a file of any name can be read;
     without it the official file name decides. Raises :class:`InputDataError` naming the file
     when the name says nothing and no dataset is given, when ``dataset`` is unknown or of another
     dimensionality than ``dim`` (2 or 3), and when an official file name names another dataset
-    than ``dataset`` (almost certainly a wrong ``--dataset`` or ``--npz_path``). Reads no file.
+    than ``dataset`` (almost certainly a wrong ``--data_flag`` or ``--npz_path``). Reads no file.
     """
     from_name = infer_medmnist_name(npz_path)
     names = sorted(k for k, v in MEDMNIST_INFO.items() if dim is None or v["dim"] == dim)
     if dataset:
         name = str(dataset).lower()
         if name not in MEDMNIST_INFO:
-            raise InputDataError(npz_path, f"unknown MedMNIST dataset {dataset!r} (--dataset): expected one of {names}")
+            raise InputDataError(npz_path, f"unknown MedMNIST dataset {dataset!r} (--data_flag): expected one of {names}")
         if from_name is not None and from_name != name:
             raise InputDataError(
-                npz_path, f"the file name is that of {from_name} but the dataset is {name}: pass --dataset {from_name}"
+                npz_path, f"the file name is that of {from_name} but the dataset is {name}: pass --data_flag {from_name}"
                           f" (or rename the file if it really holds {name})",
             )
     elif from_name is not None:
         name = from_name
     else:
         raise InputDataError(
-            npz_path, f"unknown MedMNIST dataset: the file name is not an official MedMNIST name, so pass --dataset"
+            npz_path, f"unknown MedMNIST dataset: the file name is not an official MedMNIST name, so pass --data_flag"
                       f" (name= in Python) with one of {names}",
         )
     if dim is not None and MEDMNIST_INFO[name]["dim"] != dim:

@@ -116,6 +116,7 @@ def score_explanations(
     dataset_dir: str | os.PathLike | None = None,
     geometry: dict | None = None,
     progress: bool = True,
+    print_table: bool = False,
 ) -> dict:
     """Score every method of a run folder; writes and returns the summary.
 
@@ -127,6 +128,7 @@ def score_explanations(
             Without a network the faithfulness metrics are skipped.
         masks_dir, boxes_json: replace the stored ground truth (paths relative to ``dataset_dir``
             unless absolute); ``geometry``: ``resize_mode`` / ``resize_short`` of the images.
+        print_table: also print the Markdown table (the bundle's ``evaluate_explanations.json``).
     """
     for k in ks:
         if not 0.0 < float(k) < 100.0:
@@ -182,7 +184,10 @@ def score_explanations(
     }
     out = Path(run_dir)
     atomic_save_json(summary, out / "explanation_metrics.json")
-    atomic_write_text(_markdown(summary, metric_names), out / "explanation_metrics.md")
+    table = _markdown(summary, metric_names)
+    atomic_write_text(table, out / "explanation_metrics.md")
+    if print_table:
+        print(table)
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["image", "label", "has_mask", "method", *metric_names])
