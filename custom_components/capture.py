@@ -6,7 +6,7 @@ leaving a ``with`` block), in the manner of pytorch-grad-cam's activation/gradie
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -115,7 +115,7 @@ class ViTCapture:
         self._switched.clear()
         self.clear()
 
-    def __enter__(self) -> "ViTCapture":
+    def __enter__(self) -> ViTCapture:
         return self
 
     def __exit__(self, *exc) -> None:

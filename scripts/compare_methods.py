@@ -57,7 +57,7 @@ def _run_one(bundle_dir: Path, run_dir: Path, method: str, seed: int, dataset_di
         },
         workflow,
     )
-    config_arg = "[" + ",".join(f"'{c}'" for c in configs + [str(workflow)]) + "]"
+    config_arg = "[" + ",".join(f"'{c}'" for c in [*configs, str(workflow)]) + "]"
     cmd = [
         sys.executable, "-m", "monai.bundle", "run", "compare", "--config_file", config_arg,
         "--bundle_root", str(run_dir), "--dataset_dir", str(dataset_dir), "--prepared_dir", str(prepared_dir),
@@ -65,7 +65,8 @@ def _run_one(bundle_dir: Path, run_dir: Path, method: str, seed: int, dataset_di
     ]  # fmt: skip
     log = run_dir / "log.txt"
     with open(log, "w") as fh:
-        proc = subprocess.run(cmd, cwd=bundle_dir, stdout=fh, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        proc = subprocess.run(cmd, cwd=bundle_dir, stdout=fh, stderr=subprocess.STDOUT, env=env)
     if proc.returncode == 2:  # the bundle's one-line input error: pass it on as it is
         errors = [line for line in log.read_text().splitlines() if line.startswith("error: ")]
         if errors:
@@ -130,7 +131,8 @@ def compare(
     for method in chosen:
         for seed in seed_list:
             run_dir = out / f"{method}_seed{seed}"
-            done = (run_dir / "eval" / "metrics_test.json").is_file() and (run_dir / "eval" / "inference" / "predictions.csv").is_file()
+            eval_dir = run_dir / "eval"
+            done = (eval_dir / "metrics_test.json").is_file() and (eval_dir / "inference" / "predictions.csv").is_file()
             if not done:
                 run_dir.mkdir(parents=True, exist_ok=True)
                 start = time.time()

@@ -77,10 +77,9 @@ def test_capture_only_tokens_or_only_attention():
 
 def test_capture_context_manager_releases_on_exception():
     model = tiny(num_layers=2)
-    with pytest.raises(KeyError):
-        with ViTCapture(model, blocks=None):
-            assert all_hooks(model) == 4
-            raise KeyError("boom")
+    with pytest.raises(KeyError), ViTCapture(model, blocks=None):
+        assert all_hooks(model) == 4
+        raise KeyError("boom")
     assert all_hooks(model) == 0
     assert not any(b.attn.record_attention for b in model.blocks)
 
@@ -189,7 +188,9 @@ def test_eafem_linearity_upsample_each_then_mix():
     beta = 0.85
     m_att = F.interpolate(attn[:, :, 0, 1:].mean(1).reshape(2, 1, 3, 3), size=(16, 16), mode="bilinear", align_corners=False)
     m_emb = F.interpolate(tokens[:, 1:].mean(-1).reshape(2, 1, 3, 3), size=(16, 16), mode="bilinear", align_corners=False)
-    torch.testing.assert_close(eafem_map(attn, tokens, beta, (16, 16)), (beta * m_att + (1 - beta) * m_emb)[:, 0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        eafem_map(attn, tokens, beta, (16, 16)), (beta * m_att + (1 - beta) * m_emb)[:, 0], atol=1e-6, rtol=0
+    )
 
 
 @pytest.mark.parametrize(
@@ -260,7 +261,9 @@ def test_eafem_attribute_equals_manual_capture():
     torch.testing.assert_close(maps64, manual64, atol=0, rtol=0)
     assert on_grid.shape == (2, 4, 4)
     torch.testing.assert_close(on_grid, grid_ref, atol=0, rtol=0)
-    torch.testing.assert_close(F.interpolate(on_grid[:, None], size=(32, 32), mode="bilinear", align_corners=False)[:, 0], maps, atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        F.interpolate(on_grid[:, None], size=(32, 32), mode="bilinear", align_corners=False)[:, 0], maps, atol=1e-6, rtol=0
+    )
 
 
 def test_eafem_is_differentiable_through_attention_and_embedding():

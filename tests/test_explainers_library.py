@@ -10,8 +10,8 @@ import torch.nn as nn
 
 from custom_components.capture import ViTCapture
 from custom_components.explain import AttentionRollout, RawAttention, TransformerAttribution, ViTGradCAM
-from custom_components.explain.gae import minmax_per_sample
 from custom_components.explain.attention import attention_rollout, discard_lowest
+from custom_components.explain.gae import minmax_per_sample
 from custom_components.explain.gradcam import eigen_projection
 from custom_components.explain.lrp import lrp_linear, lrp_matmul, lrp_residual_add, safe_divide
 from custom_components.metrics.map_quality import deletion_insertion_auc, energy_pointing_game, map_quality
@@ -123,7 +123,9 @@ def test_discard_ratio_is_per_sample():
         assert int((d[b] == 0).sum()) >= 9  # every sample, not only element 0
         assert d[b, 0, 0] == fused[b, 0, 0]
     batched = attention_rollout([a, a.flip(0)], discard_ratio=0.4, head_fusion="min")
-    loop = torch.cat([attention_rollout([a[i : i + 1], a.flip(0)[i : i + 1]], head_fusion="min", discard_ratio=0.4) for i in range(3)])
+    loop = torch.cat(
+        [attention_rollout([a[i : i + 1], a.flip(0)[i : i + 1]], head_fusion="min", discard_ratio=0.4) for i in range(3)]
+    )
     torch.testing.assert_close(batched, loop)
     m, x = tiny_vit(2), images()
     e = AttentionRollout(m, discard_ratio=0.5)

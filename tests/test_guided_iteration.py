@@ -84,14 +84,19 @@ def test_losses_with_positives_match_manual_computation_and_reach_first_block():
     model = tiny().eval()
     it = guided(model)
     batch = make_batch([1, 0, 1, 0])
-    logits, loss_cls, loss_loc = it.losses(model, torch.nn.BCEWithLogitsLoss(), batch["image"], batch["label"], batch["mask"])
+    _, loss_cls, loss_loc = it.losses(model, torch.nn.BCEWithLogitsLoss(), batch["image"], batch["label"], batch["mask"])
     assert loss_loc.item() > 0
     total = loss_cls + LAMBDA * loss_loc
     assert total.item() == pytest.approx(manual_total(model, batch), abs=1e-5, rel=1e-6)
     assert not any(b.attn.record_attention for b in model.blocks)  # capture released
     model.zero_grad()
     loss_loc.backward()
-    for p in (model.blocks[0].attn.qkv.weight, model.blocks[0].mlp.fc1.weight, model.patch_embed.proj.weight, model.blocks[-1].attn.qkv.weight):
+    for p in (
+        model.blocks[0].attn.qkv.weight,
+        model.blocks[0].mlp.fc1.weight,
+        model.patch_embed.proj.weight,
+        model.blocks[-1].attn.qkv.weight,
+    ):
         assert p.grad is not None and p.grad.abs().sum() > 0
     assert model.head.weight.grad is None or torch.count_nonzero(model.head.weight.grad) == 0  # the map ignores the head
 
@@ -175,7 +180,7 @@ def test_plain_iteration_is_one_sgd_step_on_bce():
     loss.backward()
     opt.step()
     assert out["loss"].item() == pytest.approx(loss.item(), abs=1e-6)
-    for (k, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
+    for (k, a), b in zip(model.state_dict().items(), twin.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=k)
 
 
@@ -184,7 +189,7 @@ def test_nan_input_raises_floating_point_error():
     batch = make_batch([1, 0], seed=5)
     batch["image"][0, 0, 3, 3] = float("nan")
     trainer = make_trainer(model, [batch], guided(model), max_epochs=1)
-    with pytest.raises(FloatingPointError, match="(?i)nan|input"):
+    with pytest.raises(FloatingPointError, match=r"(?i)nan|input"):
         trainer.run()
 
 
@@ -304,21 +309,19 @@ def test_best_metric_saver_ties_nan_and_modes(tmp_path):
 
 def test_atomic_write_failure_leaves_nothing(tmp_path):
     target = tmp_path / "sub" / "arr.npy"
-    with pytest.raises(RuntimeError):
-        with atomic_write(target, suffix=".npy") as tmp:
-            seen_tmp = tmp
-            assert tmp.parent == target.parent and tmp.name.endswith(".npy") and tmp != target
-            np.save(tmp, np.arange(3))
-            assert tmp.exists()
-            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError), atomic_write(target, suffix=".npy") as tmp:
+        seen_tmp = tmp
+        assert tmp.parent == target.parent and tmp.name.endswith(".npy") and tmp != target
+        np.save(tmp, np.arange(3))
+        assert tmp.exists()
+        raise RuntimeError("killed")
     assert not target.exists() and not seen_tmp.exists()
     assert os.listdir(target.parent) == []
     # an existing file survives a failed rewrite
     target.write_text("old")
-    with pytest.raises(RuntimeError):
-        with atomic_write(target) as tmp:
-            tmp.write_text("new")
-            raise RuntimeError
+    with pytest.raises(RuntimeError), atomic_write(target) as tmp:
+        tmp.write_text("new")
+        raise RuntimeError
     assert target.read_text() == "old" and os.listdir(target.parent) == ["arr.npy"]
 
 

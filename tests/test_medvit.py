@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from custom_components.networks.medvit import (
-    LTB,
     EMHSA,
+    LTB,
     MedViT,
     medvit_l,
     medvit_s,

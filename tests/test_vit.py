@@ -250,14 +250,19 @@ def _timm_reference_forward(sd, x, depth=2, heads=4, patch=8, eps=1e-6):
         o = (a @ v).transpose(1, 2).reshape(b, n + 1, d)
         t = t + F.linear(o, sd[p + "attn.proj.weight"], sd[p + "attn.proj.bias"])
         h = F.layer_norm(t, (d,), sd[p + "norm2.weight"], sd[p + "norm2.bias"], eps)
-        h = F.linear(F.gelu(F.linear(h, sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"])), sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"])
+        hidden = F.gelu(F.linear(h, sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"]))
+        h = F.linear(hidden, sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"])
         t = t + h
     t = F.layer_norm(t, (d,), sd["norm.weight"], sd["norm.bias"], eps)
     return F.linear(t[:, 0], sd["head.weight"], sd["head.bias"])
 
 
 def _dino_head(dim=32):
-    return {"head.mlp.0.weight": torch.randn(64, dim), "head.mlp.0.bias": torch.randn(64), "head.last_layer.weight_v": torch.randn(16, 64)}
+    return {
+        "head.mlp.0.weight": torch.randn(64, dim),
+        "head.mlp.0.bias": torch.randn(64),
+        "head.last_layer.weight_v": torch.randn(16, 64),
+    }
 
 
 @pytest.mark.parametrize(
@@ -280,7 +285,9 @@ def test_timm_checkpoint_gives_timm_logits(tmp_path, wrap):
         sd = dict(backbone, **{"head.weight": None})
     else:
         backbone = {k: v for k, v in sd.items() if not k.startswith("head.")}
-        ckpt = {"student": {**{"module.backbone." + k: v for k, v in backbone.items()}, **{"module." + k: v for k, v in _dino_head().items()}}}
+        student = {"module.backbone." + k: v for k, v in backbone.items()}
+        student.update({"module." + k: v for k, v in _dino_head().items()})
+        ckpt = {"student": student}
         sd = dict(backbone, **{"head.weight": None})
     path = tmp_path / "ckpt.pth"
     torch.save(ckpt, path)
@@ -299,7 +306,8 @@ def test_timm_checkpoint_gives_timm_logits(tmp_path, wrap):
 def test_mae_checkpoint_drops_decoder_and_mask_token(tmp_path):
     sd = _timm_state_dict()
     sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
-    ckpt = {"model": dict(sd, mask_token=torch.zeros(1, 1, 32), **{"decoder_embed.weight": torch.zeros(16, 32), "decoder_pos_embed": torch.zeros(1, 17, 16)})}
+    decoder = {"decoder_embed.weight": torch.zeros(16, 32), "decoder_pos_embed": torch.zeros(1, 17, 16)}
+    ckpt = {"model": dict(sd, mask_token=torch.zeros(1, 1, 32), **decoder)}
     torch.save(ckpt, tmp_path / "mae.pth")
     model = tiny(pos_embed="learnable", num_classes=3, pretrained_path=str(tmp_path / "mae.pth")).eval()
     sd.update({"head.weight": model.head.weight.detach(), "head.bias": model.head.bias.detach()})
@@ -327,7 +335,9 @@ def test_pos_embed_224_grid_resampled_into_256_model(tmp_path):
     dim = 16
     sd = _timm_state_dict(dim=dim, depth=1, mlp=32, grid=14, patch=16, classes=1)
     torch.save(sd, tmp_path / "vit224.pth")
-    model = AttributionViT(img_size=256, patch_size=16, hidden_size=dim, num_layers=1, num_heads=4, mlp_dim=32, pos_embed="learnable")
+    model = AttributionViT(
+        img_size=256, patch_size=16, hidden_size=dim, num_layers=1, num_heads=4, mlp_dim=32, pos_embed="learnable"
+    )
     from custom_components.networks.pretrained import load_pretrained_vit
 
     load_pretrained_vit(model, tmp_path / "vit224.pth")
@@ -356,7 +366,7 @@ def test_missing_block_key_raises_input_error(tmp_path):
 def test_wrong_shape_and_corrupt_and_absent_files_raise_input_error(tmp_path):
     sd = _timm_state_dict(dim=48, mlp=64)
     torch.save(sd, tmp_path / "wide.pth")
-    with pytest.raises(InputDataError, match="wide.pth"):
+    with pytest.raises(InputDataError, match=r"wide.pth"):
         tiny(pos_embed="learnable", num_classes=3, pretrained_path=str(tmp_path / "wide.pth"))
     bad = tmp_path / "corrupt.pth"
     bad.write_bytes(b"this is not a checkpoint" * 10)
@@ -366,7 +376,7 @@ def test_wrong_shape_and_corrupt_and_absent_files_raise_input_error(tmp_path):
     # truncated real checkpoint
     torch.save(_timm_state_dict(), tmp_path / "full.pth")
     (tmp_path / "trunc.pth").write_bytes((tmp_path / "full.pth").read_bytes()[:500])
-    with pytest.raises(InputDataError, match="trunc.pth"):
+    with pytest.raises(InputDataError, match=r"trunc.pth"):
         tiny(pos_embed="learnable", pretrained_path=str(tmp_path / "trunc.pth"))
-    with pytest.raises(InputDataError, match="absent.pth"):
+    with pytest.raises(InputDataError, match=r"absent.pth"):
         tiny(pos_embed="learnable", pretrained_path=str(tmp_path / "absent.pth"))

@@ -13,7 +13,7 @@ Spec ``specs/explanations.md`` sections 1, 2 and 9.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

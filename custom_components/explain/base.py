@@ -10,7 +10,7 @@ so a map used by a guidance loss stays in the autograd graph of that pass.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn

@@ -24,7 +24,7 @@ Side effect inherited from MONAI: each call zeroes the model's parameter gradien
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -139,7 +139,7 @@ class CNNGradCAM:
     def release(self) -> None:
         self.hooked.release()
 
-    def __enter__(self) -> "CNNGradCAM":
+    def __enter__(self) -> CNNGradCAM:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -11,7 +11,7 @@ upsampling with ``align_corners=False``, and no normalisation of either map.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -18,7 +18,7 @@ weights through A only. ``second_order=True`` differentiates through them as wel
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -78,7 +78,7 @@ def gae_relevance(attentions: Sequence[torch.Tensor], gradients: Sequence[torch.
     b, _, s, _ = first.shape
     dtype = torch.promote_types(first.dtype, torch.float32)
     relevance = torch.eye(s, dtype=dtype, device=first.device).expand(b, s, s)
-    for attn, grad in zip(attentions, gradients):
+    for attn, grad in zip(attentions, gradients, strict=True):
         cam = (grad.to(dtype) * attn.to(dtype)).clamp(min=0).mean(dim=1)  # rule 5
         relevance = relevance + torch.bmm(cam, relevance)  # rule 6
     return relevance

@@ -24,7 +24,7 @@ copy, which can mix classes in one map).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn

@@ -36,7 +36,7 @@ class InputCapture(ViTCapture):
         if torch.is_grad_enabled() and not x.requires_grad:
             x = x.detach().requires_grad_(True)
             self.inputs = x
-            return (x,) + tuple(args[1:])
+            return (x, *args[1:])
         self.inputs = x
         return None
 

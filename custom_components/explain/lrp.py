@@ -24,7 +24,6 @@ Relevance below ``start_layer`` is not propagated (it does not enter the map).
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn as nn
 
@@ -283,7 +282,7 @@ class TransformerAttribution(Explainer):
         s = r_attn[0].shape[-1]
         dtype = r_attn[0].dtype
         joint = torch.eye(s, dtype=dtype, device=r_attn[0].device).expand(r_attn[0].shape[0], s, s)
-        for grad, rel in zip(grads, r_attn):
+        for grad, rel in zip(grads, r_attn, strict=True):
             cam = (grad.detach().to(dtype) * rel).clamp(min=0).mean(dim=1)
             joint = joint + torch.bmm(cam, joint)
         return joint
