@@ -14,6 +14,7 @@ from custom_components.capture import ViTCapture
 from custom_components.io import InputDataError
 from custom_components.networks.vit import (
     AttributionViT,
+    attribution_vit,
     lgmvit_reference_pos_embed,
     sincos_2d_pos_embed,
 )
@@ -24,7 +25,7 @@ TINY = dict(img_size=32, patch_size=8, hidden_size=32, num_layers=2, num_heads=4
 def tiny(**kw) -> AttributionViT:
     args = dict(TINY)
     args.update(kw)
-    return AttributionViT(**args)
+    return attribution_vit(**args)
 
 
 def _set_record(model: AttributionViT, flag: bool) -> None:
@@ -351,6 +352,18 @@ def test_pos_embed_224_grid_resampled_into_256_model(tmp_path):
     torch.testing.assert_close(model.pos_embed[0, 1:], torch.full((256, dim), 0.25), atol=1e-5, rtol=0)
     with torch.no_grad():
         assert model(torch.randn(1, 3, 256, 256)).shape == (1, 1)
+
+
+def test_factory_builds_the_plain_module_and_loads_only_when_given_a_path():
+    import inspect
+
+    assert "pretrained_path" not in inspect.signature(AttributionViT).parameters  # loading lives in the factory
+    torch.manual_seed(0)
+    built = attribution_vit(pretrained_path=None, **TINY)
+    torch.manual_seed(0)
+    plain = AttributionViT(**TINY)
+    assert type(built) is AttributionViT
+    assert all(torch.equal(a, b) for a, b in zip(built.state_dict().values(), plain.state_dict().values(), strict=True))
 
 
 def test_missing_block_key_raises_input_error(tmp_path):
