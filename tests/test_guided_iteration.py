@@ -20,15 +20,11 @@ from custom_components.explain import EAFEM, eafem_map
 from custom_components.guidance import LGMViTKLLoss, gaussian_blur
 from custom_components.handlers.checkpoint import BestMetricSaver, TrainingCheckpoint
 from custom_components.io import atomic_save, atomic_write, load_checkpoint
-from custom_components.networks.vit import AttributionViT
+
+# tiny_vit: no dropout / drop path / BatchNorm, so train mode computes the same function as eval mode
+from conftest import tiny_vit
 
 BETA, LAMBDA, KERNEL = 0.85, 10.0, 9
-
-
-def tiny(seed=0):
-    torch.manual_seed(seed)
-    # no dropout / drop path / BatchNorm: train mode computes the same function as eval mode
-    return AttributionViT(img_size=32, patch_size=8, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64)
 
 
 def make_batch(labels, seed=0):
@@ -68,7 +64,7 @@ def manual_total(model, batch, weight=LAMBDA):
 
 
 def test_losses_without_positives_is_plain_bce():
-    model = tiny().eval()
+    model = tiny_vit().eval()
     it = guided(model)
     batch = make_batch([0, 0, 0])
     logits, loss_cls, loss_loc = it.losses(model, torch.nn.BCEWithLogitsLoss(), batch["image"], batch["label"], batch["mask"])
@@ -81,7 +77,7 @@ def test_losses_without_positives_is_plain_bce():
 
 
 def test_losses_with_positives_match_manual_computation_and_reach_first_block():
-    model = tiny().eval()
+    model = tiny_vit().eval()
     it = guided(model)
     batch = make_batch([1, 0, 1, 0])
     _, loss_cls, loss_loc = it.losses(model, torch.nn.BCEWithLogitsLoss(), batch["image"], batch["label"], batch["mask"])
@@ -102,7 +98,7 @@ def test_losses_with_positives_match_manual_computation_and_reach_first_block():
 
 
 def test_weight_zero_is_unguided():
-    model = tiny().eval()
+    model = tiny_vit().eval()
     it = guided(model, weight=0.0)
     assert not it.guided
     batch = make_batch([1, 1])
@@ -111,7 +107,7 @@ def test_weight_zero_is_unguided():
 
 
 def test_constructor_requires_both_or_neither():
-    model = tiny()
+    model = tiny_vit()
     with pytest.raises(ValueError):
         GuidedIteration(explainer=EAFEM(model))
     with pytest.raises(ValueError):
@@ -141,7 +137,7 @@ def three_batches():
 
 
 def test_supervised_trainer_runs_guided_iteration():
-    model = tiny()
+    model = tiny_vit()
     batches = three_batches()
     expected_first = manual_total(model, batches[0])
     before = copy.deepcopy(model.state_dict())
@@ -165,7 +161,7 @@ def test_supervised_trainer_runs_guided_iteration():
 
 
 def test_plain_iteration_is_one_sgd_step_on_bce():
-    model = tiny()
+    model = tiny_vit()
     twin = copy.deepcopy(model)
     batch = make_batch([1, 0, 1], seed=4)
     del batch["mask"]  # the plain step does not need masks
@@ -185,7 +181,7 @@ def test_plain_iteration_is_one_sgd_step_on_bce():
 
 
 def test_nan_input_raises_floating_point_error():
-    model = tiny()
+    model = tiny_vit()
     batch = make_batch([1, 0], seed=5)
     batch["image"][0, 0, 3, 3] = float("nan")
     trainer = make_trainer(model, [batch], guided(model), max_epochs=1)
@@ -194,7 +190,7 @@ def test_nan_input_raises_floating_point_error():
 
 
 def test_missing_mask_key_is_reported():
-    model = tiny()
+    model = tiny_vit()
     batch = make_batch([1, 0], seed=6)
     del batch["mask"]
     trainer = make_trainer(model, [batch], guided(model), max_epochs=1)
@@ -218,7 +214,7 @@ def test_training_checkpoint_resume(tmp_path):
     batches = three_batches()
     values = [0.5, 0.5, float("nan"), 0.4]  # tie at epoch 2 (later wins), NaN ignored, worse ignored
 
-    model = tiny(seed=0)
+    model = tiny_vit(seed=0)
     trainer = make_trainer(model, batches, guided(model), max_epochs=2)
     saver = BestMetricSaver(str(tmp_path), model, epoch_source=trainer)
     trainer.add_event_handler(Events.EPOCH_COMPLETED, _feed_metric(saver, values))
@@ -240,7 +236,7 @@ def test_training_checkpoint_resume(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
 
     # a new process: fresh model, optimizer and saver
-    model2 = tiny(seed=123)
+    model2 = tiny_vit(seed=123)
     assert not torch.equal(model2.head.weight, saved["head.weight"])
     trainer2 = make_trainer(model2, batches, guided(model2), max_epochs=4)
     saver2 = BestMetricSaver(str(tmp_path), model2, epoch_source=trainer2)
@@ -271,7 +267,7 @@ def test_training_checkpoint_resume(tmp_path):
     assert torch.load(tmp_path / "last.pt", weights_only=True)["trainer"]["epoch"] == 4
 
     # a checkpoint beyond max_epochs is refused
-    model3 = tiny(seed=7)
+    model3 = tiny_vit(seed=7)
     trainer3 = make_trainer(model3, batches, guided(model3), max_epochs=3)
     TrainingCheckpoint(str(tmp_path), {"network": model3}).attach(trainer3)
     with pytest.raises(ValueError, match="checkpoint is at epoch 4, beyond num_epochs 3"):
