@@ -23,4 +23,4 @@ def test_test_script_lints_then_runs_the_quick_then_the_slow_tier():
     steps = ["python3 -m ruff check .", 'tier quick -m "not slow" tests', "tier slow -m slow tests"]
     at = [script.index("\n" + s + "\n") for s in steps]
     assert at == sorted(at)
-    assert '-eq 5 ]' in script  # "no tests collected" is reported as an error
+    assert "-eq 5 ]" in script  # "no tests collected" is reported as an error
