@@ -6,12 +6,15 @@ leaving a ``with`` block), in the manner of pytorch-grad-cam's activation/gradie
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
+from typing import TypeVar
 
 import torch
 import torch.nn as nn
 
 __all__ = ["ViTCapture", "unwrap_vit"]
+
+_CaptureT = TypeVar("_CaptureT", bound="ViTCapture")  # a subclass entered as a context is that subclass
 
 
 def unwrap_vit(model: nn.Module) -> nn.Module:
@@ -115,10 +118,10 @@ class ViTCapture:
         self._switched.clear()
         self.clear()
 
-    def __enter__(self) -> "ViTCapture":
+    def __enter__(self: _CaptureT) -> _CaptureT:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.release()
 
     def __del__(self) -> None:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import ast
 import os
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from custom_components.cli import run_commands
 from custom_components.io import load_network_weights

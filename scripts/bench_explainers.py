@@ -30,7 +30,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import fire
 import torch
@@ -191,8 +191,8 @@ def rows(
     lrp = med["LRP transformer attribution (Chefer), batched"]
     out.append(
         (f"**batched LRP vs per-image loop** (batch-1 calls{per_image})",
-         f"**{loop_per_batch / lrp:.1f}x faster** ({ms(lrp)} vs {ms(loop_per_batch)} per batch)")  # fmt: skip
-    )
+         f"**{loop_per_batch / lrp:.1f}x faster** ({ms(lrp)} vs {ms(loop_per_batch)} per batch)")
+    )  # fmt: skip
     # float32 at random initialisation: the raw relevances are ~1e-6 and LRP divides by near-cancelling
     # sums, so batch-size-dependent rounding is amplified (and stretched by min-max); in float64 the
     # batched and looped maps agree to ~1e-12 (ViT-B, 3 images; tests: batched == loop on small models)

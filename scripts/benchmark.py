@@ -40,18 +40,18 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import fire
 import numpy as np
 import torch
 import torch.nn as nn
 
+from custom_components.cli import parse_ints
 from custom_components.data.brats20 import NiftiScanReader, find_cases, prepare_brats20
 from custom_components.data.slice_store import SliceDataset
 from custom_components.data.synthetic import write_brats20_twin
-from custom_components.cli import parse_ints
 from custom_components.engines.guided import GuidedIteration
 from custom_components.explain.eafem import EAFEM
 from custom_components.guidance.blur import gaussian_blur
@@ -122,7 +122,7 @@ def _make_step(model, optimizer, loss_fn, iteration: GuidedIteration, batch, exp
             c0 = time.process_time()
             t0 = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            logits, loss_cls, loss_loc = iteration.losses(model, loss_fn, images, labels, masks)
+            _, loss_cls, loss_loc = iteration.losses(model, loss_fn, images, labels, masks)
             loss = loss_cls + iteration.weight * loss_loc.float()
             _sync(device)
             t1 = time.perf_counter()
@@ -433,7 +433,8 @@ def main(
         f"Medians of {steps} interleaved steps per variant after {warmup} warm-up rounds; data: median of "
         f"{max(1, data_epochs)} interleaved epochs. Machine: {_machine(dev)}; device {dev}; "
         f"torch {torch.__version__}, {threads} threads (torch default); Python {platform.python_version()}. "
-        f"Wall time: steps {t_steps:.0f} s, data {t_data:.0f} s, explainers + MedViT {t_extra:.0f} s. CPU utilisation during the timed steps "
+        f"Wall time: steps {t_steps:.0f} s, data {t_data:.0f} s, explainers + MedViT {t_extra:.0f} s. "
+        f"CPU utilisation during the timed steps "
         f"{_utilisation(times, threads):.0%} of {threads} threads (well below 100 % = other processes competed "
         f"for the cores and the timings are noisy); 1-min load average {load0:.2f} before, {load1:.2f} after.",
     ]

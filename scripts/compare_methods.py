@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from custom_components.handlers.report import format_mean_std, markdown_table  # noqa: E402
-from custom_components.io import InputDataError, atomic_save_json, atomic_write_text  # noqa: E402
+from custom_components.io import InputDataError, atomic_write_text  # noqa: E402
 from custom_components.runs import check_override_ids  # noqa: E402
 
 METRICS = ("f1", "accuracy", "auroc", "ap", "kappa")
@@ -64,13 +64,14 @@ def _run_one(bundle_dir: Path, run_dir: Path, method: str, seed: int, dataset_di
               "seed": seed, **overrides}  # fmt: skip
     workflows = [
         {"run_id": "training", "config_file": configs, "resume": False, **common},
-        {"run_id": "evaluating", "config_file": configs + ["configs/evaluate.json"], **common},
-        {"run_id": "inferring", "config_file": configs + ["configs/inference.json"], **common},
+        {"run_id": "evaluating", "config_file": [*configs, "configs/evaluate.json"], **common},
+        {"run_id": "inferring", "config_file": [*configs, "configs/inference.json"], **common},
     ]
     cmd = [sys.executable, str(Path(__file__).resolve()), WORKFLOWS_FLAG, json.dumps(workflows)]
     log = run_dir / "log.txt"
     with open(log, "w") as fh:
-        proc = subprocess.run(cmd, cwd=bundle_dir, stdout=fh, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        proc = subprocess.run(cmd, cwd=bundle_dir, stdout=fh, stderr=subprocess.STDOUT, env=env)
     if proc.returncode == 2:  # the bundle's one-line input error: pass it on as it is
         errors = [line for line in log.read_text().splitlines() if line.startswith("error: ")]
         if errors:
@@ -134,7 +135,8 @@ def compare(
     for method in chosen:
         for seed in seed_list:
             run_dir = out / f"{method}_seed{seed}"
-            done = (run_dir / "eval" / "metrics_test.json").is_file() and (run_dir / "eval" / "inference" / "predictions.csv").is_file()
+            eval_dir = run_dir / "eval"
+            done = (eval_dir / "metrics_test.json").is_file() and (eval_dir / "inference" / "predictions.csv").is_file()
             if not done:
                 run_dir.mkdir(parents=True, exist_ok=True)
                 start = time.time()

@@ -15,8 +15,8 @@ opens offline in any browser. Input contract and page contents:
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from custom_components import errors
 from custom_components.cli import parse_names, run_commands

@@ -23,7 +23,7 @@ thick-slice scan ``--shape 40,32,9 --spacing 0.9,0.9,6.5``; the defaults are tho
 from __future__ import annotations
 
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from custom_components.cli import parse_floats, parse_ints, parse_names, run_commands
 

@@ -31,12 +31,11 @@ def pack(name: str, out: str | None = None, with_models: bool = False) -> str:
         sys.exit(2)
     out_path = Path(out) if out else REPO / "dist" / f"{name}.zip"
     excluded = EXCLUDED_DIRS - ({"models"} if with_models else set())
-    with atomic_write(out_path, suffix=".zip") as tmp:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
-            for path in sorted(bundle.rglob("*")):
-                rel = path.relative_to(bundle)
-                if path.is_file() and not (set(rel.parts[:-1]) | {rel.parts[0]}) & excluded:
-                    zf.write(path, Path(name) / rel)
+    with atomic_write(out_path, suffix=".zip") as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for path in sorted(bundle.rglob("*")):
+            rel = path.relative_to(bundle)
+            if path.is_file() and not (set(rel.parts[:-1]) | {rel.parts[0]}) & excluded:
+                zf.write(path, Path(name) / rel)
     return str(out_path)
 
 

@@ -18,10 +18,10 @@ import json
 import sys
 from pathlib import Path
 
+from custom_components.cli import parse_names, run_commands
 from custom_components.data.brats20 import prepare_brats20
 from custom_components.data.datalists import split_to_datalist as _split_to_datalist
 from custom_components.data.splits import DEFAULT_RATIOS
-from custom_components.cli import parse_names, run_commands
 from custom_components.io import InputDataError, atomic_save_json
 
 

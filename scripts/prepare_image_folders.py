@@ -21,7 +21,7 @@ Bad input data ends with a one-line ``error: ...`` on stderr and exit status 2.
 from __future__ import annotations
 
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from custom_components.cli import parse_names, run_commands
 from custom_components.data import image_folders as imf

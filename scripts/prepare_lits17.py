@@ -24,10 +24,10 @@ import json
 import sys
 from pathlib import Path
 
+from custom_components.cli import parse_names, run_commands
 from custom_components.data.datalists import split_to_datalist as _split_to_datalist
 from custom_components.data.lits17 import case_id, prepare_lits17
 from custom_components.data.splits import DEFAULT_RATIOS
-from custom_components.cli import parse_names, run_commands
 from custom_components.io import InputDataError, atomic_save_json
 
 

@@ -117,7 +117,10 @@ def test_robustness_report(tmp_path, task, n_out):
     batches = _Loader()
     for _ in range(3):
         images = torch.rand(6, 1, 4, 4, generator=g)
-        labels = (torch.rand(6, n_out, generator=g) > 0.5).float() if task == "multi-label" else torch.randint(0, n_out, (6, 1), generator=g)
+        if task == "multi-label":
+            labels = (torch.rand(6, n_out, generator=g) > 0.5).float()
+        else:
+            labels = torch.randint(0, n_out, (6, 1), generator=g)
         batches.append({"image": images, "label": labels})
     net.train()
     ev = RobustnessEvaluation(net, batches, task, tmp_path, epsilons=[0.0, 4 / 255, 0.5], pgd_steps=3, progress=False)

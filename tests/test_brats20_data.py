@@ -85,7 +85,7 @@ def test_twin_layout(twin):
     assert header.startswith("Grade,BraTS_2017_subject_ID,") and header.endswith("BraTS_2020_subject_ID")
     case, case_dir = next(iter(cases.items()))
     imgs = [nib.load(case_dir / f"{case}_{m}.nii.gz") for m in MODS]
-    for m, img in zip(MODS, imgs):
+    for m, img in zip(MODS, imgs, strict=True):
         assert img.shape == SHAPE
         assert img.get_data_dtype() == (np.uint8 if m == "seg" else np.int16)
         np.testing.assert_array_equal(img.affine, imgs[0].affine)
@@ -200,7 +200,7 @@ def test_slice_dataset_with_workers_and_chunk_sampler(store64):
         assert len(set(batch["case"])) == 1  # one scan per batch
         s = batch["slice"].tolist()
         assert s == list(range(s[0], s[0] + len(s)))  # consecutive slices
-        seen += [(c, k) for c, k in zip(batch["case"], s)]
+        seen += [(c, k) for c, k in zip(batch["case"], s, strict=True)]
     assert len(seen) == len(set(seen)) == len(ds)
 
 

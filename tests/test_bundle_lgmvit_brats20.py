@@ -79,7 +79,8 @@ def test_evaluate_writes_metric_tables(trained, twin):
     assert all(metrics[k] is None or 0.0 <= metrics[k] <= 1.0 for k in ("f1", "accuracy", "auroc", "ap"))
     assert metrics["kappa"] is None or -1.0 <= metrics["kappa"] <= 1.0
     assert metrics["accuracy"] is not None and metrics["f1"] is not None
-    assert report["n_samples"] == sum(c["n_slices"] for c in json.loads((trained / "data" / "prepared_32" / "datalist.json").read_text())["test"])
+    test_cases = json.loads((trained / "data" / "prepared_32" / "datalist.json").read_text())["test"]
+    assert report["n_samples"] == sum(c["n_slices"] for c in test_cases)
     md = (trained / "eval" / "metrics_test.md").read_text()
     assert "| f1 |" in md and "| kappa |" in md
 

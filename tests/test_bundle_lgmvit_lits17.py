@@ -10,9 +10,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from bundle_utils import REPO, SCHEMA, bundle_cmd, run, verify_bundle
 from custom_components.data.synthetic import write_lits17_twin
 from custom_components.io import load_checkpoint
+
+from bundle_utils import REPO, SCHEMA, bundle_cmd, run, verify_bundle
 
 BUNDLE = REPO / "bundles" / "lgmvit_lits17"
 

@@ -23,6 +23,7 @@ from custom_components.io import load_checkpoint
 
 from bundle_utils import REPO, config_arg, verify_bundle
 from bundle_utils import run as _run
+from conftest import tiny_medvit
 from medmnist_bundle_checks import (
     BAD_INPUTS,
     bad_input_gives_one_clear_error,
@@ -186,10 +187,8 @@ def test_pmc_iteration_uses_the_mixed_loss():
     from types import SimpleNamespace
 
     from custom_components.engines.pmc import PMCIteration
-    from custom_components.networks.medvit import MedViT
 
-    torch.manual_seed(0)
-    net = MedViT(depths=(1, 1, 5, 1), num_classes=2, stem_stride=2, pmc_prob=1.0, pmc_lambda=0.5, path_dropout=0.0)
+    net = tiny_medvit(in_channels=3, num_classes=2, stem_stride=2, pmc_prob=1.0, pmc_lambda=0.5)
     seen = {}
 
     def loss_fn(logits, y):

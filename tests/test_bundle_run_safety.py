@@ -13,10 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
-from bundle_utils import REPO, bundle_cmd, kill_once_checkpointed, subprocess_env
-from bundle_utils import run as _run
 
 from custom_components.data.synthetic import write_brats20_twin
+
+from bundle_utils import REPO, bundle_cmd, kill_once_checkpointed, subprocess_env
+from bundle_utils import run as _run
 
 BUNDLE = REPO / "bundles" / "lgmvit_brats20"
 
@@ -89,12 +90,14 @@ def test_second_training_on_one_root_is_refused_then_resumes_cleanly(tmp_path, t
 
 def test_rerun_with_other_settings_is_refused_unless_forced(tmp_path, twin):
     run(bundle_cmd("training", tmp_path, twin, args=["--num_epochs", "1"]))
-    other = bundle_cmd("training", tmp_path, twin, "configs/methods/baseline.json", args=["--num_epochs", "2", "--learning_rate", "0.5"])
+    other = bundle_cmd(
+        "training", tmp_path, twin, "configs/methods/baseline.json", args=["--num_epochs", "2", "--learning_rate", "0.5"]
+    )
     error = one_error_line(run(other, check=False))
     assert f"error: {tmp_path / 'models' / 'last.pt'}: was trained with other settings (" in error
     assert "learning_rate: 0.001 -> 0.5" in error and "num_epochs: 1 -> 2" in error
     assert "--resume false" in error and "--force_resume true" in error
-    forced = run(other + ["--force_resume", "true"])
+    forced = run([*other, "--force_resume", "true"])
     assert "resuming with other settings (--force_resume)" in forced.stdout + forced.stderr
 
 
@@ -113,7 +116,7 @@ def test_bad_checkpoints_give_one_line_at_every_load_site(tmp_path, twin):
         assert one_error_line(run(cmd, check=False)).startswith(f"error: {model}: cannot load checkpoint")
     model.write_bytes(good)
     # weights of another configuration (the override files of training not given)
-    wider = one_error_line(run(evaluate + ["--network_def#hidden_size", "32"], check=False))
+    wider = one_error_line(run([*evaluate, "--network_def#hidden_size", "32"], check=False))
     assert f"{model}: weights do not fit the configured network:" in wider and "differ in shape" in wider
 
     last = root / "models" / "last.pt"

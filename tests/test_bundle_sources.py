@@ -11,7 +11,7 @@ import pytest
 from bundle_utils import REPO
 
 sys.path.insert(0, str(REPO / "scripts"))
-import generate_bundles  # noqa: E402
+import generate_bundles
 
 
 def test_committed_bundle_configs_are_generated_from_the_sources():

@@ -173,11 +173,12 @@ def test_initialisations_load_local_checkpoints(bundle, init, tmp_path):
 
 
 def test_init_hyperparameters_follow_the_study():
-    kv = {n: json.loads((BUNDLES["kvasir"] / "configs" / "init" / f"{n}.json").read_text()) for n in ("random", "sup", "dino", "mae")}
+    inits = ("random", "sup", "dino", "mae")
+    kv = {n: json.loads((BUNDLES["kvasir"] / "configs" / "init" / f"{n}.json").read_text()) for n in inits}
     assert [kv[n]["learning_rate"] for n in kv] == [0.08, 0.0018, 0.0012, 0.02]
     assert [kv[n]["weight_decay"] for n in kv] == [0.0, 0.0, 1e-4, 1e-4]
     assert all(v["momentum"] == 0.1 and v["batch_size"] == 32 and v["num_epochs"] == 25 for v in kv.values())
-    mu = {n: json.loads((BUNDLES["mura"] / "configs" / "init" / f"{n}.json").read_text()) for n in ("random", "sup", "dino", "mae")}
+    mu = {n: json.loads((BUNDLES["mura"] / "configs" / "init" / f"{n}.json").read_text()) for n in inits}
     assert [mu[n]["num_epochs"] for n in mu] == [200, 100, 150, 100]
     assert all(v["learning_rate"] == 1e-3 and v["momentum"] == 0.9 and v["weight_decay"] == 1e-4 and v["batch_size"] == 64
                for v in mu.values())  # fmt: skip

@@ -9,12 +9,8 @@ import torch.nn.functional as F
 
 from custom_components.capture import ViTCapture, unwrap_vit
 from custom_components.explain import EAFEM, eafem_map
-from custom_components.networks.vit import AttributionViT
 
-
-def tiny(num_layers: int = 3, **kw) -> AttributionViT:
-    torch.manual_seed(kw.pop("seed", 0))
-    return AttributionViT(img_size=32, patch_size=8, hidden_size=32, num_layers=num_layers, num_heads=4, mlp_dim=64, **kw)
+from conftest import tiny_vit
 
 
 def all_hooks(model: nn.Module) -> int:
@@ -34,7 +30,7 @@ class Wrapper(nn.Module):  # DDP/DataParallel-like
 
 
 def test_capture_records_only_requested_blocks_and_release():
-    model = tiny(num_layers=3).eval()
+    model = tiny_vit(num_layers=3).eval()
     x = torch.randn(2, 3, 32, 32)
     cap = ViTCapture(model, blocks=(0, -1))
     assert cap.block_indices == [0, 2]
@@ -63,7 +59,7 @@ def test_capture_records_only_requested_blocks_and_release():
 
 
 def test_capture_only_tokens_or_only_attention():
-    model = tiny(num_layers=2).eval()
+    model = tiny_vit().eval()
     x = torch.randn(1, 3, 32, 32)
     with ViTCapture(model, blocks=None, attention=False) as cap:
         assert not any(b.attn.record_attention for b in model.blocks)
@@ -76,17 +72,16 @@ def test_capture_only_tokens_or_only_attention():
 
 
 def test_capture_context_manager_releases_on_exception():
-    model = tiny(num_layers=2)
-    with pytest.raises(KeyError):
-        with ViTCapture(model, blocks=None):
-            assert all_hooks(model) == 4
-            raise KeyError("boom")
+    model = tiny_vit()
+    with pytest.raises(KeyError), ViTCapture(model, blocks=None):
+        assert all_hooks(model) == 4
+        raise KeyError("boom")
     assert all_hooks(model) == 0
     assert not any(b.attn.record_attention for b in model.blocks)
 
 
 def test_nested_captures_keep_each_other_working():
-    model = tiny(num_layers=2).eval()
+    model = tiny_vit().eval()
     x = torch.randn(1, 3, 32, 32)
     with ViTCapture(model, blocks=(-1,)) as outer:
         with ViTCapture(model, blocks=(-1,)) as inner:
@@ -99,7 +94,7 @@ def test_nested_captures_keep_each_other_working():
 
 
 def test_capture_unwraps_ddp_like_wrapper():
-    model = tiny(num_layers=2).eval()
+    model = tiny_vit().eval()
     wrapped = Wrapper(Wrapper(model))
     assert unwrap_vit(wrapped) is model
     with ViTCapture(wrapped) as cap:
@@ -112,7 +107,7 @@ def test_capture_unwraps_ddp_like_wrapper():
 
 
 def test_attention_grads_equal_autograd():
-    model = tiny(num_layers=2, num_classes=2).eval()
+    model = tiny_vit(num_classes=2).eval()
     x = torch.randn(3, 3, 32, 32)
     with ViTCapture(model, blocks=None, attention_grads=True) as cap:
         logits = model(x)
@@ -128,7 +123,7 @@ def test_attention_grads_equal_autograd():
 
 
 def test_detach_option():
-    model = tiny(num_layers=2)
+    model = tiny_vit()
     x = torch.randn(2, 3, 32, 32)
     with ViTCapture(model, blocks=None, detach=True) as cap:
         model(x)
@@ -189,7 +184,9 @@ def test_eafem_linearity_upsample_each_then_mix():
     beta = 0.85
     m_att = F.interpolate(attn[:, :, 0, 1:].mean(1).reshape(2, 1, 3, 3), size=(16, 16), mode="bilinear", align_corners=False)
     m_emb = F.interpolate(tokens[:, 1:].mean(-1).reshape(2, 1, 3, 3), size=(16, 16), mode="bilinear", align_corners=False)
-    torch.testing.assert_close(eafem_map(attn, tokens, beta, (16, 16)), (beta * m_att + (1 - beta) * m_emb)[:, 0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        eafem_map(attn, tokens, beta, (16, 16)), (beta * m_att + (1 - beta) * m_emb)[:, 0], atol=1e-6, rtol=0
+    )
 
 
 @pytest.mark.parametrize(
@@ -210,16 +207,16 @@ def test_eafem_map_bad_shapes(attn_shape, tok_shape):
 
 def test_eafem_bad_beta():
     with pytest.raises(ValueError):
-        EAFEM(tiny(), beta=1.5)
+        EAFEM(tiny_vit(num_layers=3), beta=1.5)
     with pytest.raises(ValueError):
-        EAFEM(tiny(), beta=-0.1)
+        EAFEM(tiny_vit(num_layers=3), beta=-0.1)
 
 
 # --------------------------------------------------------------------------- EAFEM on a model
 
 
 def test_model_attention_rows_are_probabilities():
-    model = tiny(num_layers=2).eval()
+    model = tiny_vit().eval()
     with torch.no_grad(), ViTCapture(model, blocks=(-1,)) as cap:
         model(torch.randn(2, 3, 32, 32))
         a = cap.attention()
@@ -229,7 +226,7 @@ def test_model_attention_rows_are_probabilities():
 
 
 def test_model_with_uniform_last_attention():
-    model = tiny(num_layers=2).eval()
+    model = tiny_vit().eval()
     with torch.no_grad():
         model.blocks[-1].attn.qkv.weight.zero_()
         model.blocks[-1].attn.qkv.bias.zero_()
@@ -238,7 +235,7 @@ def test_model_with_uniform_last_attention():
 
 
 def test_eafem_attribute_equals_manual_capture():
-    model = tiny(num_layers=3).eval()
+    model = tiny_vit(num_layers=3).eval()
     x = torch.randn(2, 3, 32, 32)
     explainer = EAFEM(model, beta=0.85)
     with torch.no_grad():
@@ -260,11 +257,13 @@ def test_eafem_attribute_equals_manual_capture():
     torch.testing.assert_close(maps64, manual64, atol=0, rtol=0)
     assert on_grid.shape == (2, 4, 4)
     torch.testing.assert_close(on_grid, grid_ref, atol=0, rtol=0)
-    torch.testing.assert_close(F.interpolate(on_grid[:, None], size=(32, 32), mode="bilinear", align_corners=False)[:, 0], maps, atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        F.interpolate(on_grid[:, None], size=(32, 32), mode="bilinear", align_corners=False)[:, 0], maps, atol=1e-6, rtol=0
+    )
 
 
 def test_eafem_is_differentiable_through_attention_and_embedding():
-    model = tiny(num_layers=3).eval()
+    model = tiny_vit(num_layers=3).eval()
     x = torch.randn(2, 3, 32, 32)
     w = torch.randn(2, 32, 32)
     last, first = model.blocks[-1], model.blocks[0]

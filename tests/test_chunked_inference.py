@@ -5,13 +5,13 @@ import torch
 
 from custom_components.data.slice_store import ScanChunkBatchSampler
 from custom_components.explain import EAFEM
-from custom_components.networks import AttributionViT
+
+from conftest import tiny_vit
 
 
 @pytest.mark.parametrize("faithful", [False, True])
 def test_chunked_equals_whole_scan_in_eval_mode(faithful):
-    torch.manual_seed(0)
-    model = AttributionViT(img_size=32, patch_size=8, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64, faithful=faithful)
+    model = tiny_vit(faithful=faithful)
     if faithful:  # non-trivial BatchNorm running statistics, as after training
         model.train()
         with torch.no_grad():

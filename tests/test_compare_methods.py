@@ -11,8 +11,9 @@ import sys
 
 import pytest
 
-from bundle_utils import REPO, TINY, subprocess_env
 from custom_components.data.synthetic import write_brats20_twin
+
+from bundle_utils import REPO, TINY, subprocess_env
 
 pytestmark = pytest.mark.slow
 

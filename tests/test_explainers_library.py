@@ -10,25 +10,13 @@ import torch.nn as nn
 
 from custom_components.capture import ViTCapture
 from custom_components.explain import AttentionRollout, RawAttention, TransformerAttribution, ViTGradCAM
-from custom_components.explain.gae import minmax_per_sample
 from custom_components.explain.attention import attention_rollout, discard_lowest
+from custom_components.explain.gae import minmax_per_sample
 from custom_components.explain.gradcam import eigen_projection
 from custom_components.explain.lrp import lrp_linear, lrp_matmul, lrp_residual_add, safe_divide
 from custom_components.metrics.map_quality import deletion_insertion_auc, energy_pointing_game, map_quality
-from custom_components.networks.vit import AttributionViT
 
-
-def tiny_vit(layers=1, classes=1, seed=0, dtype=torch.float64, hidden=8, **kw):
-    torch.manual_seed(seed)
-    m = AttributionViT(
-        in_channels=2, img_size=8, patch_size=4, hidden_size=hidden, num_layers=layers, num_heads=2,
-        mlp_dim=2 * hidden,
-        num_classes=classes, **kw,
-    )
-    with torch.no_grad():  # larger weights than the 0.02 init: non-trivial attention
-        for p in m.parameters():
-            p.copy_(torch.randn_like(p) * 0.5)
-    return m.eval().to(dtype)
+from conftest import scrambled_vit
 
 
 def images(b=3, seed=1, dtype=torch.float64):
@@ -51,7 +39,7 @@ def recorded_attentions(model, x):
 
 
 def test_raw_attention_equals_hand_computed_cls_row():
-    m, x = tiny_vit(), images()
+    m, x = scrambled_vit(), images()
     with torch.no_grad():
         tok = m.embed(x)
         blk = m.blocks[0]
@@ -76,13 +64,13 @@ def test_raw_attention_equals_hand_computed_cls_row():
 
 
 def test_rollout_one_and_two_blocks_closed_form():
-    m1, x = tiny_vit(1), images()
+    m1, x = scrambled_vit(1), images()
     (a1,) = recorded_attentions(m1, x)
     eye = torch.eye(5, dtype=torch.float64)
     got = AttentionRollout(m1, upsample="none", normalize="none").attribute(x)
     torch.testing.assert_close(got.reshape(3, 4), (0.5 * a1.mean(1) + 0.5 * eye)[:, 0, 1:])
 
-    m2 = tiny_vit(2)
+    m2 = scrambled_vit(2)
     a1, a2 = recorded_attentions(m2, x)
     hat = [0.5 * a.mean(1) + 0.5 * eye for a in (a1, a2)]
     got = AttentionRollout(m2, upsample="none", normalize="none").attribute(x)
@@ -123,9 +111,11 @@ def test_discard_ratio_is_per_sample():
         assert int((d[b] == 0).sum()) >= 9  # every sample, not only element 0
         assert d[b, 0, 0] == fused[b, 0, 0]
     batched = attention_rollout([a, a.flip(0)], discard_ratio=0.4, head_fusion="min")
-    loop = torch.cat([attention_rollout([a[i : i + 1], a.flip(0)[i : i + 1]], head_fusion="min", discard_ratio=0.4) for i in range(3)])
+    loop = torch.cat(
+        [attention_rollout([a[i : i + 1], a.flip(0)[i : i + 1]], head_fusion="min", discard_ratio=0.4) for i in range(3)]
+    )
     torch.testing.assert_close(batched, loop)
-    m, x = tiny_vit(2), images()
+    m, x = scrambled_vit(2), images()
     e = AttentionRollout(m, discard_ratio=0.5)
     torch.testing.assert_close(e.attribute(x), torch.cat([e.attribute(x[i : i + 1]) for i in range(3)]))
 
@@ -166,7 +156,7 @@ def test_lrp_residual_and_matmul_rules_conserve_per_sample():
 def test_lrp_network_conservation_and_batch_invariance(faithful):
     # hidden 16: a linear output whose sign-consistent pre-activation is exactly 0 (all input signs
     # opposite to the weight signs, probability 2^-fan_in) drops its relevance; rare at this width
-    m = tiny_vit(2, classes=3, faithful=faithful, hidden=16)
+    m = scrambled_vit(2, classes=3, faithful=faithful, hidden=16)
     x = images()
     e = TransformerAttribution(m, upsample="none", normalize="none")
     with e.capture() as rec:
@@ -186,7 +176,7 @@ def test_lrp_network_conservation_and_batch_invariance(faithful):
 
 
 def test_lrp_float32_batch_invariance_and_closed_form_one_block():
-    m, x = tiny_vit(1, dtype=torch.float32), images(dtype=torch.float32)
+    m, x = scrambled_vit(1, dtype=torch.float32), images(dtype=torch.float32)
     e = TransformerAttribution(m, upsample="none", normalize="none")
     batched = e.attribute(x)
     loop = torch.cat([e.attribute(x[i : i + 1]) for i in range(3)])
@@ -225,7 +215,7 @@ class _GridNorm(nn.Module):
 
 def test_gradcam_matches_captum_layer_gradcam():
     captum_attr = pytest.importorskip("captum.attr")
-    m, x = tiny_vit(2, classes=3), images()
+    m, x = scrambled_vit(2, classes=3), images()
     t = torch.tensor([2, 0, 1])
     ours = ViTGradCAM(m, upsample="none", normalize="none").attribute(x, target=t)
     wrapped = copy.deepcopy(m)
@@ -239,7 +229,7 @@ def test_gradcam_matches_captum_layer_gradcam():
 
 
 def test_gradcam_layer_choice_hand_weights_and_eigen():
-    m, x = tiny_vit(2, classes=1), images()
+    m, x = scrambled_vit(2, classes=1), images()
     with ViTCapture(m, blocks=(-1,), attention=False, tokens=True) as rec:  # block output: zero patch grads
         out = m(x)
         (g,) = torch.autograd.grad(out.sum(), [rec.token(-1)])

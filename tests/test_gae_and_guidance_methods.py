@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fractions import Fraction
+from functools import partial
 
 import pytest
 import torch
@@ -19,14 +20,10 @@ from custom_components.guidance import (
     res_threshold,
     trainable_parameters,
 )
-from custom_components.networks.vit import AttributionViT
 
+from conftest import tiny_vit
 
-def toy_vit(seed=0, **kw):
-    torch.manual_seed(seed)
-    args = dict(img_size=32, patch_size=8, hidden_size=16, num_layers=2, num_heads=2, mlp_dim=32)
-    args.update(kw)
-    return AttributionViT(**args)
+toy_vit = partial(tiny_vit, hidden_size=16, num_heads=2, mlp_dim=32)  # narrower than tiny_vit's default
 
 
 def gae_maps(explainer, images, target=None, out_size=None):

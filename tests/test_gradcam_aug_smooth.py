@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from custom_components.explain import ViTGradCAM
 from custom_components.explain.gae import minmax_per_sample
 from custom_components.explain.gradcam import AUG_SMOOTH_PASSES, scale_cam
-from custom_components.networks.vit import AttributionViT
+
+from conftest import scrambled_vit
 
 PATCH, CHANNELS, DIM, CLASSES = 4, 2, 3, 2
 
@@ -126,13 +127,7 @@ def test_aug_smooth_target_from_unaugmented_pass():
 
 
 def test_aug_smooth_batched_equals_per_sample_on_a_vit():
-    torch.manual_seed(0)
-    m = AttributionViT(in_channels=2, img_size=8, patch_size=4, hidden_size=8, num_layers=2, num_heads=2,
-                       mlp_dim=16, num_classes=3)  # fmt: skip
-    with torch.no_grad():
-        for p in m.parameters():
-            p.copy_(torch.randn_like(p) * 0.5)
-    m = m.eval().double()
+    m = scrambled_vit(layers=2, classes=3)  # float64, eval
     x = _images(b=3, size=8, seed=2)
     t = torch.tensor([2, 0, 1])
     for kwargs in ({}, {"eigen_smooth": True}, {"upsample": "none", "normalize": "none"}):

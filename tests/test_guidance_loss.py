@@ -15,7 +15,6 @@ windows = pytest.importorskip("scipy.signal.windows")
 from custom_components.guidance import LGMViTKLLoss, gaussian_blur, gaussian_kernel1d, positive_selection  # noqa: E402
 from custom_components.guidance.blur import default_sigma  # noqa: E402
 
-
 # --------------------------------------------------------------------------- blur
 
 
@@ -102,7 +101,8 @@ def test_kl_equals_reference_formula():
     k /= k.sum()
     total = 0.0
     for b in (0, 2, 3):
-        gb = ndimage.convolve1d(ndimage.convolve1d(masks[b, 0].double().numpy(), k, axis=1, mode="mirror"), k, axis=0, mode="mirror")
+        rows_blurred = ndimage.convolve1d(masks[b, 0].double().numpy(), k, axis=1, mode="mirror")
+        gb = ndimage.convolve1d(rows_blurred, k, axis=0, mode="mirror")
         log_q = torch.log_softmax(torch.from_numpy(gb).flatten(), 0)
         log_p = torch.log_softmax(maps[b].double().flatten(), 0)
         total += float((log_q.exp() * (log_q - log_p)).sum())

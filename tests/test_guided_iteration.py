@@ -20,15 +20,11 @@ from custom_components.explain import EAFEM, eafem_map
 from custom_components.guidance import LGMViTKLLoss, gaussian_blur
 from custom_components.handlers.checkpoint import BestMetricSaver, TrainingCheckpoint
 from custom_components.io import atomic_save, atomic_write, load_checkpoint
-from custom_components.networks.vit import AttributionViT
+
+# tiny_vit: no dropout / drop path / BatchNorm, so train mode computes the same function as eval mode
+from conftest import tiny_vit
 
 BETA, LAMBDA, KERNEL = 0.85, 10.0, 9
-
-
-def tiny(seed=0):
-    torch.manual_seed(seed)
-    # no dropout / drop path / BatchNorm: train mode computes the same function as eval mode
-    return AttributionViT(img_size=32, patch_size=8, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64)
 
 
 def make_batch(labels, seed=0):
@@ -68,7 +64,7 @@ def manual_total(model, batch, weight=LAMBDA):
 
 
 def test_losses_without_positives_is_plain_bce():
-    model = tiny().eval()
+    model = tiny_vit().eval()
     it = guided(model)
     batch = make_batch([0, 0, 0])
     logits, loss_cls, loss_loc = it.losses(model, torch.nn.BCEWithLogitsLoss(), batch["image"], batch["label"], batch["mask"])
@@ -81,23 +77,28 @@ def test_losses_without_positives_is_plain_bce():
 
 
 def test_losses_with_positives_match_manual_computation_and_reach_first_block():
-    model = tiny().eval()
+    model = tiny_vit().eval()
     it = guided(model)
     batch = make_batch([1, 0, 1, 0])
-    logits, loss_cls, loss_loc = it.losses(model, torch.nn.BCEWithLogitsLoss(), batch["image"], batch["label"], batch["mask"])
+    _, loss_cls, loss_loc = it.losses(model, torch.nn.BCEWithLogitsLoss(), batch["image"], batch["label"], batch["mask"])
     assert loss_loc.item() > 0
     total = loss_cls + LAMBDA * loss_loc
     assert total.item() == pytest.approx(manual_total(model, batch), abs=1e-5, rel=1e-6)
     assert not any(b.attn.record_attention for b in model.blocks)  # capture released
     model.zero_grad()
     loss_loc.backward()
-    for p in (model.blocks[0].attn.qkv.weight, model.blocks[0].mlp.fc1.weight, model.patch_embed.proj.weight, model.blocks[-1].attn.qkv.weight):
+    for p in (
+        model.blocks[0].attn.qkv.weight,
+        model.blocks[0].mlp.fc1.weight,
+        model.patch_embed.proj.weight,
+        model.blocks[-1].attn.qkv.weight,
+    ):
         assert p.grad is not None and p.grad.abs().sum() > 0
     assert model.head.weight.grad is None or torch.count_nonzero(model.head.weight.grad) == 0  # the map ignores the head
 
 
 def test_weight_zero_is_unguided():
-    model = tiny().eval()
+    model = tiny_vit().eval()
     it = guided(model, weight=0.0)
     assert not it.guided
     batch = make_batch([1, 1])
@@ -106,7 +107,7 @@ def test_weight_zero_is_unguided():
 
 
 def test_constructor_requires_both_or_neither():
-    model = tiny()
+    model = tiny_vit()
     with pytest.raises(ValueError):
         GuidedIteration(explainer=EAFEM(model))
     with pytest.raises(ValueError):
@@ -136,7 +137,7 @@ def three_batches():
 
 
 def test_supervised_trainer_runs_guided_iteration():
-    model = tiny()
+    model = tiny_vit()
     batches = three_batches()
     expected_first = manual_total(model, batches[0])
     before = copy.deepcopy(model.state_dict())
@@ -160,7 +161,7 @@ def test_supervised_trainer_runs_guided_iteration():
 
 
 def test_plain_iteration_is_one_sgd_step_on_bce():
-    model = tiny()
+    model = tiny_vit()
     twin = copy.deepcopy(model)
     batch = make_batch([1, 0, 1], seed=4)
     del batch["mask"]  # the plain step does not need masks
@@ -175,21 +176,21 @@ def test_plain_iteration_is_one_sgd_step_on_bce():
     loss.backward()
     opt.step()
     assert out["loss"].item() == pytest.approx(loss.item(), abs=1e-6)
-    for (k, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
+    for (k, a), b in zip(model.state_dict().items(), twin.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=k)
 
 
 def test_nan_input_raises_floating_point_error():
-    model = tiny()
+    model = tiny_vit()
     batch = make_batch([1, 0], seed=5)
     batch["image"][0, 0, 3, 3] = float("nan")
     trainer = make_trainer(model, [batch], guided(model), max_epochs=1)
-    with pytest.raises(FloatingPointError, match="(?i)nan|input"):
+    with pytest.raises(FloatingPointError, match=r"(?i)nan|input"):
         trainer.run()
 
 
 def test_missing_mask_key_is_reported():
-    model = tiny()
+    model = tiny_vit()
     batch = make_batch([1, 0], seed=6)
     del batch["mask"]
     trainer = make_trainer(model, [batch], guided(model), max_epochs=1)
@@ -213,7 +214,7 @@ def test_training_checkpoint_resume(tmp_path):
     batches = three_batches()
     values = [0.5, 0.5, float("nan"), 0.4]  # tie at epoch 2 (later wins), NaN ignored, worse ignored
 
-    model = tiny(seed=0)
+    model = tiny_vit(seed=0)
     trainer = make_trainer(model, batches, guided(model), max_epochs=2)
     saver = BestMetricSaver(str(tmp_path), model, epoch_source=trainer)
     trainer.add_event_handler(Events.EPOCH_COMPLETED, _feed_metric(saver, values))
@@ -235,7 +236,7 @@ def test_training_checkpoint_resume(tmp_path):
     assert not [p for p in os.listdir(tmp_path) if ".tmp" in p]
 
     # a new process: fresh model, optimizer and saver
-    model2 = tiny(seed=123)
+    model2 = tiny_vit(seed=123)
     assert not torch.equal(model2.head.weight, saved["head.weight"])
     trainer2 = make_trainer(model2, batches, guided(model2), max_epochs=4)
     saver2 = BestMetricSaver(str(tmp_path), model2, epoch_source=trainer2)
@@ -266,7 +267,7 @@ def test_training_checkpoint_resume(tmp_path):
     assert torch.load(tmp_path / "last.pt", weights_only=True)["trainer"]["epoch"] == 4
 
     # a checkpoint beyond max_epochs is refused
-    model3 = tiny(seed=7)
+    model3 = tiny_vit(seed=7)
     trainer3 = make_trainer(model3, batches, guided(model3), max_epochs=3)
     TrainingCheckpoint(str(tmp_path), {"network": model3}).attach(trainer3)
     with pytest.raises(ValueError, match="checkpoint is at epoch 4, beyond num_epochs 3"):
@@ -304,21 +305,19 @@ def test_best_metric_saver_ties_nan_and_modes(tmp_path):
 
 def test_atomic_write_failure_leaves_nothing(tmp_path):
     target = tmp_path / "sub" / "arr.npy"
-    with pytest.raises(RuntimeError):
-        with atomic_write(target, suffix=".npy") as tmp:
-            seen_tmp = tmp
-            assert tmp.parent == target.parent and tmp.name.endswith(".npy") and tmp != target
-            np.save(tmp, np.arange(3))
-            assert tmp.exists()
-            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError), atomic_write(target, suffix=".npy") as tmp:
+        seen_tmp = tmp
+        assert tmp.parent == target.parent and tmp.name.endswith(".npy") and tmp != target
+        np.save(tmp, np.arange(3))
+        assert tmp.exists()
+        raise RuntimeError("killed")
     assert not target.exists() and not seen_tmp.exists()
     assert os.listdir(target.parent) == []
     # an existing file survives a failed rewrite
     target.write_text("old")
-    with pytest.raises(RuntimeError):
-        with atomic_write(target) as tmp:
-            tmp.write_text("new")
-            raise RuntimeError
+    with pytest.raises(RuntimeError), atomic_write(target) as tmp:
+        tmp.write_text("new")
+        raise RuntimeError
     assert target.read_text() == "old" and os.listdir(target.parent) == ["arr.npy"]
 
 

@@ -97,7 +97,8 @@ def test_kvasir_datalist(kvasir_root):
     _cases_disjoint(dl)
     # masks attached to exactly the esophagitis images that have one, with the mirrored name
     masked = [e for e in entries if "mask" in e]
-    mask_files = {f"masks/kvasir-dataset-v2/esophagitis/{f}" for f in os.listdir(kvasir_root / "masks/kvasir-dataset-v2/esophagitis")}
+    mask_dir = "masks/kvasir-dataset-v2/esophagitis"
+    mask_files = {f"{mask_dir}/{f}" for f in os.listdir(kvasir_root / mask_dir)}
     assert {e["mask"] for e in masked} == mask_files
     for e in masked:
         assert Path(e["mask"]).stem == Path(e["image"]).stem and e["label"] == 1
@@ -125,7 +126,7 @@ def test_kvasir_bad_inputs(kvasir_root, tmp_path):
         kvasir_datalist(root, check_images=True)
     for p in eso.iterdir():
         p.unlink()
-    with pytest.raises(InputDataError, match="esophagitis.*no images"):
+    with pytest.raises(InputDataError, match=r"esophagitis.*no images"):
         kvasir_datalist(root)
     with pytest.raises(InputDataError, match="kvasir-dataset-v2"):
         kvasir_datalist(tmp_path / "nowhere")
@@ -257,7 +258,7 @@ def test_mura_bad_inputs(mura_root, tmp_path):
         mura_datalist(root)
     assert ei.value.source.endswith(listed)
     (base / "valid_labeled_studies.csv").unlink()
-    with pytest.raises(InputDataError, match="valid_labeled_studies.csv"):
+    with pytest.raises(InputDataError, match=r"valid_labeled_studies.csv"):
         mura_datalist(root)
 
 
@@ -326,7 +327,7 @@ def test_duke_datalist(tmp_path):
     bal = duke_datalist(tmp_path, balance=True)
     assert sum(e["label"] for e in _all(bal)) == 24 == sum(1 - e["label"] for e in _all(bal))
     (tmp_path / "neg" / "bad.png").write_bytes(b"")
-    with pytest.raises(InputDataError, match="bad.png"):
+    with pytest.raises(InputDataError, match=r"bad.png"):
         duke_datalist(tmp_path)
 
 
@@ -374,7 +375,7 @@ def test_dataset_mask_geometry(tmp_path, mode):
     else:
         expected = _expected_bbox(box, 32 / 64, 32 / 48, 0, 0, 32)
     got = _bbox(item["mask"][0])
-    assert all(abs(g - e) <= 1 for g, e in zip(got, expected)), (got, expected)
+    assert all(abs(g - e) <= 1 for g, e in zip(got, expected, strict=True)), (got, expected)
     m = item["mask"][0].bool()
     # the bright box of the image lies under the mask
     assert item["image"][0][m].mean() > 0.8 and item["image"][0][~m].mean() < 0.1
@@ -387,7 +388,7 @@ def test_dataset_from_datalist(kvasir_root, tmp_path):
     ds = ImageFolderDataset(path, kvasir_root, split="training", image_size=32, label_dtype="long")
     assert len(ds) == len(dl["training"])
     items = [ds[i] for i in range(len(ds))]
-    for it, e in zip(items, dl["training"]):
+    for it, e in zip(items, dl["training"], strict=True):
         assert it["image"].shape == (3, 32, 32) and it["label"].dtype == torch.long and int(it["label"]) == e["label"]
         assert it["case"] == e["case"] and ("mask" in it) == ("mask" in e)
     # ImageNet normalisation: un-normalised values lie in [0, 1]

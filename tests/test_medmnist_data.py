@@ -43,7 +43,7 @@ def test_real_breastmnist():
     assert train.class_counts().tolist() == [147, 399]
     item = train[0]
     assert item["image"].shape == (1, 28, 28) and item["image"].dtype == torch.float32
-    assert 0.0 <= item["image"].min() and item["image"].max() <= 1.0
+    assert 0.0 <= item["image"].min() and item["image"].max() <= 1.0  # noqa: SIM300 (a range reads left to right)
     assert item["label"].dtype == torch.long and item["label"].ndim == 0
 
 
@@ -81,7 +81,7 @@ def _write(path, **arrays):
 
 def _valid_arrays(n=(4, 2, 2)):
     out = {}
-    for split, k in zip(("train", "val", "test"), n):
+    for split, k in zip(("train", "val", "test"), n, strict=True):
         out[f"{split}_images"] = np.zeros((k, 28, 28), np.uint8)
         out[f"{split}_labels"] = np.zeros((k, 1), np.uint8)
     return out
@@ -98,7 +98,7 @@ def test_bad_files(tmp_path):
 
     arrays = _valid_arrays()
     arrays["train_labels"][2, 0] = 2  # BreastMNIST is binary
-    with pytest.raises(InputDataError, match="train_labels.*out of range"):
+    with pytest.raises(InputDataError, match=r"train_labels.*out of range"):
         MedMNISTDataset(_write(tmp_path / "breastmnist.npz", **arrays), "train")
 
     arrays = _valid_arrays()
@@ -111,7 +111,7 @@ def test_bad_files(tmp_path):
     with pytest.raises(InputDataError, match="train_images"):
         MedMNISTDataset(_write(tmp_path / "breastmnist.npz", **arrays), "train")
 
-    with pytest.raises(InputDataError, match="unknown MedMNIST.*pass --data_flag"):
+    with pytest.raises(InputDataError, match=r"unknown MedMNIST.*pass --data_flag"):
         MedMNISTDataset(_write(tmp_path / "mystery.npz", **_valid_arrays()), "train")
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "breastmnist.npz").write_bytes(b"not a zip")
@@ -293,7 +293,8 @@ def test_bundle_npz_path_any_name(tmp_path, bundle, name, dim):
         return p
 
     default = parser()  # unchanged default: <dataset_dir>/<default dataset>.npz
-    assert default.get_parsed_content("npz_path") == str(tmp_path / "unused" / f"{'breastmnist' if dim == 2 else 'organmnist3d'}.npz")
+    default_name = "breastmnist" if dim == 2 else "organmnist3d"
+    assert default.get_parsed_content("npz_path") == str(tmp_path / "unused" / f"{default_name}.npz")
     p = parser(npz_path=str(custom), data_flag=name)
     assert p.get_parsed_content("dataset_name") == name
     assert p.get_parsed_content("num_classes") == MEDMNIST_INFO[name]["n_classes"]

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from custom_components.networks.medvit import (
-    LTB,
     EMHSA,
+    LTB,
     MedViT,
     medvit_l,
     medvit_s,
@@ -16,9 +16,6 @@ from custom_components.networks.medvit import (
     moment_exchange,
     pono,
 )
-
-# a small model with every block kind (depths[2] must be a multiple of 5) for the behavioural tests
-TINY = dict(depths=(1, 1, 5, 1), num_classes=3, in_channels=1, stem_stride=1, path_dropout=0.0)
 
 
 def n_params(model: torch.nn.Module) -> int:
@@ -32,12 +29,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def tiny_model() -> MedViT:
-    torch.manual_seed(0)
-    return MedViT(**TINY)
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +93,8 @@ def test_raster_and_2d_kv_pooling():
             torch.testing.assert_close(kv[0, 0], grid[:2, :2].reshape(4, 64).mean(0), rtol=1e-5, atol=1e-5)
 
 
-def test_pmc_off_is_deterministic_in_train_mode(tiny_model):
-    model = tiny_model.train()
+def test_pmc_off_is_deterministic_in_train_mode(tiny_medvit_model):
+    model = tiny_medvit_model.train()
     model.pmc.prob = 0.0
     x = torch.rand(4, 1, 28, 28)
     with torch.no_grad():
@@ -113,8 +104,8 @@ def test_pmc_off_is_deterministic_in_train_mode(tiny_model):
     assert model.pmc_lam == 1.0 and model.pmc_perm.tolist() == [0, 1, 2, 3]
 
 
-def test_pmc_on_mixes_and_exposes_perm_and_lambda(tiny_model):
-    model = tiny_model.train()
+def test_pmc_on_mixes_and_exposes_perm_and_lambda(tiny_medvit_model):
+    model = tiny_medvit_model.train()
     model.pmc.prob, model.pmc.lam = 1.0, 0.7
     torch.manual_seed(1)
     x = torch.rand(4, 1, 28, 28)
@@ -152,8 +143,8 @@ def test_moment_exchange_properties():
     torch.testing.assert_close(mixed.mean(1), h.mean(1)[perm], atol=1e-4, rtol=1e-4)
 
 
-def test_torchscript_matches_eager(tiny_model):
-    model = tiny_model.eval()
+def test_torchscript_matches_eager(tiny_medvit_model):
+    model = tiny_medvit_model.eval()
     scripted = torch.jit.script(model)
     x = torch.rand(2, 1, 28, 28)
     with torch.no_grad():

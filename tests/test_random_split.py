@@ -62,7 +62,7 @@ def test_sizes_follow_the_ratios(n, ratios):
     r = parse_ratios(ratios)
     assert sum(sizes) == n
     rounding_only = n * min(s for s in r if s > 0) >= 1  # no set needs a case moved into it
-    for size, share in zip(sizes, r):
+    for size, share in zip(sizes, r, strict=True):
         if share == 0:
             assert size == 0
         else:

@@ -18,12 +18,13 @@ import re
 import shlex
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
+
 from bundle_utils import REPO, TINY, config_arg, run
 
 pytestmark = pytest.mark.slow
@@ -81,7 +82,7 @@ class Case:
     demo_needles: tuple[str, ...] = ()  # its config list and output folder, as written there
 
 
-LGMVIT_TINY = dict(zip(TINY[::2], (int(v) for v in TINY[1::2])))  # image 32, patch 8: keeps demo.json's width/depth
+LGMVIT_TINY = dict(zip(TINY[::2], (int(v) for v in TINY[1::2]), strict=True))  # image 32, patch 8: keeps demo.json's width/depth
 VIT_SMALL = {"--image_size": 32, "--resize_short": 36, "--network_def#patch_size": 8}
 ATTENTION = ("configs/train.json", "configs/init/random.json", "configs/demo.json")
 CASES = {

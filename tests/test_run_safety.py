@@ -120,7 +120,7 @@ def test_unknown_top_level_option_is_refused_with_a_suggestion():
     assert str(err.value).startswith("--num_epoch: unknown option") and "did you mean --num_epochs?" in str(err.value)
     # known keys, nested ids under a known key (new component arguments) and metadata pass
     check_override_ids(files, ["num_epochs", "network_def#dropout_rate", "_meta_#version", "train#handlers#0#print_lr"])
-    with pytest.raises(UnknownOptionError, match="see configs/train.json"):
+    with pytest.raises(UnknownOptionError, match=r"see configs/train.json"):
         check_override_ids(files, ["zzzz"])
 
 
@@ -215,7 +215,7 @@ def test_model_loading_names_the_file_and_the_problem(tmp_path):
         load_network_weights(net, tmp_path / "absent.pt")
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(good.read_bytes()[:100])
-    with pytest.raises(InputDataError, match="truncated.pt: cannot load checkpoint"):
+    with pytest.raises(InputDataError, match=r"truncated.pt: cannot load checkpoint"):
         load_network_weights(net, truncated)
     torch.save({"network": net.state_dict(), "trainer": {}}, tmp_path / "last.pt")  # a resumable checkpoint works too
     fresh = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))

@@ -79,7 +79,7 @@ def run_writer(store: Path, out: Path, maps: Maps, keep: Callable[[dict], torch.
         if not rows.any():
             continue
         out_ = {k: v[rows] for k, v in batch.items() if isinstance(v, torch.Tensor)}
-        out_["case"] = [c for c, r in zip(batch["case"], rows.tolist()) if r]
+        out_["case"] = [c for c, r in zip(batch["case"], rows.tolist(), strict=True) if r]
         out_["map"] = maps(batch)[rows]
         out_["pred"] = torch.zeros(int(rows.sum()), 1)
         del out_["mask"]  # no quality scoring needed here

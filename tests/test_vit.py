@@ -14,17 +14,12 @@ from custom_components.capture import ViTCapture
 from custom_components.io import InputDataError
 from custom_components.networks.vit import (
     AttributionViT,
+    attribution_vit,
     lgmvit_reference_pos_embed,
     sincos_2d_pos_embed,
 )
 
-TINY = dict(img_size=32, patch_size=8, hidden_size=32, num_layers=2, num_heads=4, mlp_dim=64)
-
-
-def tiny(**kw) -> AttributionViT:
-    args = dict(TINY)
-    args.update(kw)
-    return AttributionViT(**args)
+from conftest import TINY_VIT, tiny_vit
 
 
 def _set_record(model: AttributionViT, flag: bool) -> None:
@@ -59,8 +54,7 @@ def test_vit_b16_shapes_at_256():
     ids=["default", "faithful", "learnable", "none"],
 )
 def test_forward_tensor_sdpa_equals_explicit_and_torchscript(kw):
-    torch.manual_seed(1)
-    model = tiny(**kw).eval()
+    model = tiny_vit(seed=1, **kw).eval()
     if model.pos_embed is not None:
         with torch.no_grad():
             model.pos_embed.normal_(std=0.5)
@@ -81,8 +75,7 @@ def test_forward_tensor_sdpa_equals_explicit_and_torchscript(kw):
 
 
 def test_explicit_path_attention_is_softmax_of_scaled_scores():
-    torch.manual_seed(2)
-    model = tiny(num_layers=1).eval()
+    model = tiny_vit(seed=2, num_layers=1).eval()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad(), ViTCapture(model, blocks=(0,)) as cap:
         model(x)
@@ -146,8 +139,7 @@ def test_clean_sincos_pos_embed():
 
 @pytest.mark.parametrize("kind", ["sincos", "lgmvit_reference"])
 def test_cls_gets_no_fixed_encoding(kind):
-    torch.manual_seed(3)
-    model = tiny(pos_embed=kind).eval()
+    model = tiny_vit(seed=3, pos_embed=kind).eval()
     with torch.no_grad():
         model.patch_embed.proj.weight.zero_()
         model.patch_embed.proj.bias.zero_()
@@ -163,7 +155,7 @@ def test_cls_gets_no_fixed_encoding(kind):
 
 
 def test_faithful_backbone():
-    m = tiny(faithful=True)
+    m = tiny_vit(faithful=True)
     assert isinstance(m.patch_embed.norm, nn.BatchNorm2d) and m.patch_embed.norm.num_features == 32
     assert m.patch_embed.proj.bias is not None
     assert m.pos_embed_type == "lgmvit_reference"
@@ -178,23 +170,23 @@ def test_faithful_backbone():
         assert blk.mlp.drop1.p == 0.1 and blk.mlp.drop2.p == 0.1
         assert blk.attn.attn_drop_p == 0.0 and blk.attn.proj_drop.p == 0.0
     # faithful overrides contrary arguments
-    m2 = tiny(faithful=True, qkv_bias=True, final_norm=True, pos_embed="learnable")
+    m2 = tiny_vit(faithful=True, qkv_bias=True, final_norm=True, pos_embed="learnable")
     assert m2.blocks[0].attn.qkv.bias is None and isinstance(m2.norm, nn.Identity) and m2.pos_embed is None
     # the default (timm-like) variant: linear ramp of drop path, final norm, eps 1e-6
-    d = tiny(drop_path_rate=0.1, num_layers=3)
+    d = tiny_vit(drop_path_rate=0.1, num_layers=3)
     assert [b.drop_path1.drop_prob for b in d.blocks] == pytest.approx([0.0, 0.05, 0.1])
     assert isinstance(d.norm, nn.LayerNorm) and d.norm.eps == 1e-6 and d.blocks[0].attn.qkv.bias is not None
 
 
 def test_bad_arguments():
     with pytest.raises(ValueError):
-        tiny(pos_embed="rope")
+        tiny_vit(pos_embed="rope")
     with pytest.raises(ValueError):
-        tiny(img_size=30)
+        tiny_vit(img_size=30)
     with pytest.raises(ValueError):
-        tiny(num_heads=5)
+        tiny_vit(num_heads=5)
     with pytest.raises(ValueError):
-        tiny().embed(torch.zeros(1, 3, 16, 16))
+        tiny_vit().embed(torch.zeros(1, 3, 16, 16))
 
 
 # --------------------------------------------------------------------------- timm equivalence
@@ -250,14 +242,19 @@ def _timm_reference_forward(sd, x, depth=2, heads=4, patch=8, eps=1e-6):
         o = (a @ v).transpose(1, 2).reshape(b, n + 1, d)
         t = t + F.linear(o, sd[p + "attn.proj.weight"], sd[p + "attn.proj.bias"])
         h = F.layer_norm(t, (d,), sd[p + "norm2.weight"], sd[p + "norm2.bias"], eps)
-        h = F.linear(F.gelu(F.linear(h, sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"])), sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"])
+        hidden = F.gelu(F.linear(h, sd[p + "mlp.fc1.weight"], sd[p + "mlp.fc1.bias"]))
+        h = F.linear(hidden, sd[p + "mlp.fc2.weight"], sd[p + "mlp.fc2.bias"])
         t = t + h
     t = F.layer_norm(t, (d,), sd["norm.weight"], sd["norm.bias"], eps)
     return F.linear(t[:, 0], sd["head.weight"], sd["head.bias"])
 
 
 def _dino_head(dim=32):
-    return {"head.mlp.0.weight": torch.randn(64, dim), "head.mlp.0.bias": torch.randn(64), "head.last_layer.weight_v": torch.randn(16, 64)}
+    return {
+        "head.mlp.0.weight": torch.randn(64, dim),
+        "head.mlp.0.bias": torch.randn(64),
+        "head.last_layer.weight_v": torch.randn(16, 64),
+    }
 
 
 @pytest.mark.parametrize(
@@ -280,12 +277,13 @@ def test_timm_checkpoint_gives_timm_logits(tmp_path, wrap):
         sd = dict(backbone, **{"head.weight": None})
     else:
         backbone = {k: v for k, v in sd.items() if not k.startswith("head.")}
-        ckpt = {"student": {**{"module.backbone." + k: v for k, v in backbone.items()}, **{"module." + k: v for k, v in _dino_head().items()}}}
+        student = {"module.backbone." + k: v for k, v in backbone.items()}
+        student.update({"module." + k: v for k, v in _dino_head().items()})
+        ckpt = {"student": student}
         sd = dict(backbone, **{"head.weight": None})
     path = tmp_path / "ckpt.pth"
     torch.save(ckpt, path)
-    torch.manual_seed(5)
-    model = tiny(pos_embed="learnable", num_classes=3, pretrained_path=str(path)).eval()
+    model = tiny_vit(seed=5, pos_embed="learnable", num_classes=3, pretrained_path=str(path)).eval()
     if sd["head.weight"] is None:  # headless backbone: the model keeps its own head
         sd["head.weight"], sd["head.bias"] = model.head.weight.detach().clone(), model.head.bias.detach().clone()
     x = torch.randn(2, 3, 32, 32)
@@ -299,9 +297,10 @@ def test_timm_checkpoint_gives_timm_logits(tmp_path, wrap):
 def test_mae_checkpoint_drops_decoder_and_mask_token(tmp_path):
     sd = _timm_state_dict()
     sd = {k: v for k, v in sd.items() if not k.startswith("head.")}
-    ckpt = {"model": dict(sd, mask_token=torch.zeros(1, 1, 32), **{"decoder_embed.weight": torch.zeros(16, 32), "decoder_pos_embed": torch.zeros(1, 17, 16)})}
+    decoder = {"decoder_embed.weight": torch.zeros(16, 32), "decoder_pos_embed": torch.zeros(1, 17, 16)}
+    ckpt = {"model": dict(sd, mask_token=torch.zeros(1, 1, 32), **decoder)}
     torch.save(ckpt, tmp_path / "mae.pth")
-    model = tiny(pos_embed="learnable", num_classes=3, pretrained_path=str(tmp_path / "mae.pth")).eval()
+    model = tiny_vit(pos_embed="learnable", num_classes=3, pretrained_path=str(tmp_path / "mae.pth")).eval()
     sd.update({"head.weight": model.head.weight.detach(), "head.bias": model.head.bias.detach()})
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -311,8 +310,7 @@ def test_mae_checkpoint_drops_decoder_and_mask_token(tmp_path):
 def test_head_of_other_size_is_skipped(tmp_path):
     sd = _timm_state_dict(classes=1000)
     torch.save({"model": sd}, tmp_path / "in1k.pth")
-    torch.manual_seed(6)
-    model = tiny(pos_embed="learnable", num_classes=1)
+    model = tiny_vit(seed=6, pos_embed="learnable", num_classes=1)
     head_before = model.head.weight.detach().clone()
     from custom_components.networks.pretrained import load_pretrained_vit
 
@@ -327,7 +325,9 @@ def test_pos_embed_224_grid_resampled_into_256_model(tmp_path):
     dim = 16
     sd = _timm_state_dict(dim=dim, depth=1, mlp=32, grid=14, patch=16, classes=1)
     torch.save(sd, tmp_path / "vit224.pth")
-    model = AttributionViT(img_size=256, patch_size=16, hidden_size=dim, num_layers=1, num_heads=4, mlp_dim=32, pos_embed="learnable")
+    model = AttributionViT(
+        img_size=256, patch_size=16, hidden_size=dim, num_layers=1, num_heads=4, mlp_dim=32, pos_embed="learnable"
+    )
     from custom_components.networks.pretrained import load_pretrained_vit
 
     load_pretrained_vit(model, tmp_path / "vit224.pth")
@@ -343,30 +343,42 @@ def test_pos_embed_224_grid_resampled_into_256_model(tmp_path):
         assert model(torch.randn(1, 3, 256, 256)).shape == (1, 1)
 
 
+def test_factory_builds_the_plain_module_and_loads_only_when_given_a_path():
+    import inspect
+
+    assert "pretrained_path" not in inspect.signature(AttributionViT).parameters  # loading lives in the factory
+    torch.manual_seed(0)
+    built = attribution_vit(pretrained_path=None, **TINY_VIT)
+    torch.manual_seed(0)
+    plain = AttributionViT(**TINY_VIT)
+    assert type(built) is AttributionViT
+    assert all(torch.equal(a, b) for a, b in zip(built.state_dict().values(), plain.state_dict().values(), strict=True))
+
+
 def test_missing_block_key_raises_input_error(tmp_path):
     sd = _timm_state_dict()
     del sd["blocks.1.attn.qkv.weight"]
     path = tmp_path / "broken.pth"
     torch.save(sd, path)
     with pytest.raises(InputDataError) as err:
-        tiny(pos_embed="learnable", num_classes=3, pretrained_path=str(path))
+        tiny_vit(pos_embed="learnable", num_classes=3, pretrained_path=str(path))
     assert str(path) in str(err.value) and "blocks.1.attn.qkv.weight" in str(err.value)
 
 
 def test_wrong_shape_and_corrupt_and_absent_files_raise_input_error(tmp_path):
     sd = _timm_state_dict(dim=48, mlp=64)
     torch.save(sd, tmp_path / "wide.pth")
-    with pytest.raises(InputDataError, match="wide.pth"):
-        tiny(pos_embed="learnable", num_classes=3, pretrained_path=str(tmp_path / "wide.pth"))
+    with pytest.raises(InputDataError, match=r"wide.pth"):
+        tiny_vit(pos_embed="learnable", num_classes=3, pretrained_path=str(tmp_path / "wide.pth"))
     bad = tmp_path / "corrupt.pth"
     bad.write_bytes(b"this is not a checkpoint" * 10)
     with pytest.raises(InputDataError) as err:
-        tiny(pos_embed="learnable", pretrained_path=str(bad))
+        tiny_vit(pos_embed="learnable", pretrained_path=str(bad))
     assert str(bad) in str(err.value)
     # truncated real checkpoint
     torch.save(_timm_state_dict(), tmp_path / "full.pth")
     (tmp_path / "trunc.pth").write_bytes((tmp_path / "full.pth").read_bytes()[:500])
-    with pytest.raises(InputDataError, match="trunc.pth"):
-        tiny(pos_embed="learnable", pretrained_path=str(tmp_path / "trunc.pth"))
-    with pytest.raises(InputDataError, match="absent.pth"):
-        tiny(pos_embed="learnable", pretrained_path=str(tmp_path / "absent.pth"))
+    with pytest.raises(InputDataError, match=r"trunc.pth"):
+        tiny_vit(pos_embed="learnable", pretrained_path=str(tmp_path / "trunc.pth"))
+    with pytest.raises(InputDataError, match=r"absent.pth"):
+        tiny_vit(pos_embed="learnable", pretrained_path=str(tmp_path / "absent.pth"))

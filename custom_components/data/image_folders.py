@@ -46,8 +46,9 @@ import csv
 import json
 import os
 import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -559,7 +560,9 @@ def duke_datalist(
 # --------------------------------------------------------------------------- dataset
 
 
-def _geometry(size: tuple[int, int], image_size: int, resize_mode: str, resize_short: int) -> tuple[tuple[int, int], tuple[int, int]]:
+def _geometry(
+    size: tuple[int, int], image_size: int, resize_mode: str, resize_short: int
+) -> tuple[tuple[int, int], tuple[int, int]]:
     """(resized (W, H), crop (left, top)) as torchvision's Resize(short) + CenterCrop computes them."""
     w, h = size
     if resize_mode == "resize":

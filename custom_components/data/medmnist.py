@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -215,13 +216,17 @@ class MedMNISTDataset(Dataset):
         if labels.ndim != 2:
             raise InputDataError(self.path, f"key {lab_key!r}: expected labels (N, 1) or (N, C), got shape {labels.shape}")
         if labels.shape[0] != images.shape[0]:
-            raise InputDataError(self.path, f"keys {img_key!r}/{lab_key!r}: {images.shape[0]} images but {labels.shape[0]} labels")
+            raise InputDataError(
+                self.path, f"keys {img_key!r}/{lab_key!r}: {images.shape[0]} images but {labels.shape[0]} labels"
+            )
         if not np.issubdtype(labels.dtype, np.integer) and not np.all(labels == np.round(labels)):
             raise InputDataError(self.path, f"key {lab_key!r}: labels must be integers, got {labels.dtype}")
         n = info["n_classes"]
         if self.task == "multi-label":
             if labels.shape[1] != n:
-                raise InputDataError(self.path, f"key {lab_key!r}: expected {n} label columns for {self.name}, got {labels.shape[1]}")
+                raise InputDataError(
+                    self.path, f"key {lab_key!r}: expected {n} label columns for {self.name}, got {labels.shape[1]}"
+                )
             bad = ~np.isin(labels, (0, 1))
             if bad.any():
                 raise InputDataError(self.path, f"key {lab_key!r}: multi-label values must be 0/1, found {labels[bad][0]}")
@@ -264,7 +269,10 @@ class MedMNISTDataset(Dataset):
         else:  # (H, W) or (D, H, W) -> add the channel axis
             img = img.unsqueeze(0)
         lab = self.labels[index]
-        label = torch.from_numpy(lab.astype(np.float32)) if self.task == "multi-label" else torch.tensor(int(lab[0]), dtype=torch.long)
+        if self.task == "multi-label":
+            label = torch.from_numpy(lab.astype(np.float32))
+        else:
+            label = torch.tensor(int(lab[0]), dtype=torch.long)
         item = {"image": img, "label": label}
         return self.transform(item) if self.transform is not None else item
 

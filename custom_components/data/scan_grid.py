@@ -92,7 +92,8 @@ def load_grid(meta_path: str | os.PathLike) -> dict | None:
         return None
     if grid.get("grid_version") != GRID_VERSION:
         raise InputDataError(
-            meta_path, f"source-grid record version {grid.get('grid_version')!r}, this code reads {GRID_VERSION}; re-prepare the store"
+            meta_path,
+            f"source-grid record version {grid.get('grid_version')!r}, this code reads {GRID_VERSION}; re-prepare the store",
         )
     try:
         shape = [int(n) for n in grid["shape"]]

@@ -1,8 +1,9 @@
 """Slice-level dataset over a prepared store and a scan-chunk batch sampler.
 
 The store is written by :mod:`custom_components.data.store` (``<root>/<case>/{image,mask}.npy`` +
-``meta.json``; ``scripts/prepare_brats20.py``, ``scripts/prepare_lits17.py``). LGM-ViT (spec section 6) trains on batches of *consecutive* slices of one scan
-(32 slices per batch); :class:`ScanChunkBatchSampler` reproduces that batching.
+``meta.json``; ``scripts/prepare_brats20.py``, ``scripts/prepare_lits17.py``). LGM-ViT (spec section 6) trains on
+batches of *consecutive* slices of one scan (32 slices per batch); :class:`ScanChunkBatchSampler` reproduces that
+batching.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ from __future__ import annotations
 import bisect
 import json
 import os
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -85,7 +87,9 @@ class SliceDataset(Dataset):
             entry = entry if isinstance(entry, dict) else {}
             meta_path = root / case / "meta.json"
             if not meta_path.is_file():
-                raise InputDataError(meta_path, f"case {case} is not prepared; run the bundle (prepare_data) or scripts/prepare_<dataset>.py")
+                raise InputDataError(
+                    meta_path, f"case {case} is not prepared; run the bundle (prepare_data) or scripts/prepare_<dataset>.py"
+                )
             try:
                 meta = json.loads(meta_path.read_text())
                 n, case_labels = int(meta["n_slices"]), meta["labels"]
@@ -119,7 +123,7 @@ class SliceDataset(Dataset):
     @property
     def case_slice_ranges(self) -> list[tuple[int, int]]:
         """``(start, stop)`` dataset indices of each case, in datalist order."""
-        return list(zip(self._starts[:-1], self._starts[1:]))
+        return list(zip(self._starts[:-1], self._starts[1:], strict=True))
 
     @property
     def labels(self) -> np.ndarray:

@@ -102,7 +102,7 @@ def random_split(
     order = np.random.default_rng(int(seed)).permutation(len(ids))
     shuffled = [ids[i] for i in order]
     out, start = {}, 0
-    for key, size in zip(SETS, set_sizes(len(ids), ratios)):
+    for key, size in zip(SETS, set_sizes(len(ids), ratios), strict=True):
         out[key] = sorted(shuffled[start : start + size])
         start += size
     return out

@@ -9,8 +9,8 @@ is read; this module owns case selection, resumability, atomic writing and the d
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -82,7 +82,9 @@ def prepare_store(
         wanted = [c for ids in splits.values() for c in ids if c in present]
         missing = [c for ids in splits.values() for c in ids if c not in present]
         if missing:
-            print(f"note: {len(missing)} of {len(split_of)} split cases are not in {dataset_dir} (skipped): {short_list(missing)}")
+            print(
+                f"note: {len(missing)} of {len(split_of)} split cases are not in {dataset_dir} (skipped): {short_list(missing)}"
+            )
         extra = [c for c in found if c not in split_of]
         if extra:
             print(f"note: {len(extra)} cases in {dataset_dir} are not in split {split_name!s} (ignored): {short_list(extra)}")

@@ -10,8 +10,8 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import nibabel as nib
 import numpy as np
@@ -80,7 +80,7 @@ def _brats_case(rng: np.random.Generator, shape: tuple[int, int, int]) -> tuple[
     seg[~brain] = 0
     # make sure the tumour exists even on very small grids
     if not seg.any():
-        i, j, k = (int(round((c + 1) / 2 * (n - 1))) for c, n in zip((cx, cy, cz), shape))
+        i, j, k = (int(round((c + 1) / 2 * (n - 1))) for c, n in zip((cx, cy, cz), shape, strict=True))
         seg[max(i - 1, 0) : i + 2, max(j - 1, 0) : j + 2, k] = 2
 
     tissue = np.select(
@@ -126,7 +126,7 @@ def _twin_affine(spacing: Sequence[float], origin: Sequence[float]) -> np.ndarra
 def _default_brats_ids(n_per_split: Sequence[int]) -> list[str]:
     data = json.loads(datalist_path("brats20").read_text())
     ids = []
-    for key, n in zip(("training", "validation", "test"), n_per_split):
+    for key, n in zip(("training", "validation", "test"), n_per_split, strict=False):
         ids += [e["case"] for e in data[key][: int(n)]]
     return ids
 
@@ -220,7 +220,7 @@ def _lits_case(rng: np.random.Generator, shape: tuple[int, int, int]) -> tuple[n
     seg[tumour] = 2
     # make sure both labels exist even on very small grids
     if not (seg == 1).any() or not (seg == 2).any():
-        i, j = (int(round((c + 1) / 2 * (n - 1))) for c, n in zip((cx, cy), shape[:2]))
+        i, j = (int(round((c + 1) / 2 * (n - 1))) for c, n in zip((cx, cy), shape[:2], strict=True))
         k = shape[2] - 1 - shape[2] // 4
         seg[max(i - 2, 0) : i + 3, max(j - 2, 0) : j + 3, k : shape[2]] = 1
         seg[i, j, k + (shape[2] - k) // 2] = 2
@@ -239,7 +239,7 @@ def _lits_case(rng: np.random.Generator, shape: tuple[int, int, int]) -> tuple[n
 def _default_ids(name: str, n_per_split: Sequence[int]) -> list[str]:
     data = json.loads(datalist_path(name).read_text())
     ids = []
-    for key, n in zip(("training", "validation", "test"), n_per_split):
+    for key, n in zip(("training", "validation", "test"), n_per_split, strict=False):
         ids += [e["case"] for e in data[key][: int(n)]]
     return ids
 
@@ -262,8 +262,9 @@ def write_lits17_twin(
     upper part of the volume, as in LiTS), the tumour a shorter run inside it. Affine
     diag(-s, -s, dz) with sub-millimetre in-plane spacing s (0.55-0.95 mm) and dz 0.7-5 mm,
     like LiTS; ``spacing`` (sx, sy, sz) mm fixes diag(-sx, -sy, sz) for every volume and ``origin``
-    the origin, default (sx * (X - 1) / 2, sy * (Y - 1) / 2, -sz * Z). Without ``case_ids`` the first ``n_per_split`` IDs (``volume-N``) of the
-    training/validation/test lists of ``data_lists/lits17.json`` are used. ``compress`` writes
+    the origin, default (sx * (X - 1) / 2, sy * (Y - 1) / 2, -sz * Z). Without ``case_ids`` the first
+    ``n_per_split`` IDs (``volume-N``) of the training/validation/test lists of ``data_lists/lits17.json``
+    are used. ``compress`` writes
     ``.nii.gz`` (LiTS itself is uncompressed ``.nii``). Deterministic from ``seed``. Returns
     ``output_dir``.
     """
@@ -322,7 +323,7 @@ def _medmnist_images(rng: np.random.Generator, labels: np.ndarray, shape: tuple[
         k = int(lab[0]) if lab.size == 1 else int(np.argmax(lab)) if lab.any() else 0
         frac = (k + 1) / (n_classes + 1)
         centre = rng.uniform(-0.3, 0.3, size=len(shape))
-        r2 = sum((g - c) ** 2 for g, c in zip(grids, centre))
+        r2 = sum((g - c) ** 2 for g, c in zip(grids, centre, strict=True))
         radius = 0.25 + 0.4 * frac
         blob = np.exp(-r2 / (2 * radius**2))
         base = 40 + 160 * frac * blob + rng.normal(0, 12, size=shape)
@@ -345,7 +346,7 @@ def _write_medmnist_twin(path: str | os.PathLike, name: str, n: Sequence[int], s
     info = MEDMNIST_INFO[key]
     rng = np.random.default_rng(seed)
     arrays = {}
-    for split, count in zip(("train", "val", "test"), n):
+    for split, count in zip(("train", "val", "test"), n, strict=True):
         labels = _medmnist_labels(rng, info["task"], info["n_classes"], count)
         arrays[f"{split}_images"] = _medmnist_images(rng, labels, (int(size),) * dim, info["n_classes"], info["n_channels"])
         arrays[f"{split}_labels"] = labels
@@ -496,7 +497,7 @@ def write_mura_twin(output_dir: str | os.PathLike, n_patients: int = 8,
                 study_rows[split].append(f"{study}/,{label}")
                 (out / study).mkdir(parents=True, exist_ok=True)
                 for i in range(int(rng.integers(1, 4))):
-                    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+                    _, xx = np.mgrid[0:height, 0:width].astype(np.float32)
                     bone = np.exp(-((xx - width / 2) / (0.12 * width)) ** 2) * 140
                     img = 30 + bone + _noise2d(rng, height, width) * 15
                     rel = f"{study}/image{i + 1}.png"

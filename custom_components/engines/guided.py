@@ -149,10 +149,13 @@ class ExplainIteration:
         engine.network.eval()
         device_type = images.device.type
         grads = self.explainer.needs_gradients
-        with torch.set_grad_enabled(grads), torch.autocast(device_type=device_type, enabled=bool(engine.amp)):
-            with self.explainer.capture(detach=not grads) as record:
-                logits = engine.network(images)
-                maps = self.explainer.explain(logits, record, out_size=images.shape[-2:])
+        with (
+            torch.set_grad_enabled(grads),
+            torch.autocast(device_type=device_type, enabled=bool(engine.amp)),
+            self.explainer.capture(detach=not grads) as record,
+        ):
+            logits = engine.network(images)
+            maps = self.explainer.explain(logits, record, out_size=images.shape[-2:])
         # Methods whose maps live on the token grid (RES) are shown and scored at the image size.
         maps = resize_maps(maps.detach().float(), images.shape[-2:])
         out = {"image": images, "pred": logits.detach().float(), "map": maps.detach().float()}

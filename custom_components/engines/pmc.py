@@ -38,6 +38,8 @@ class PMCIteration:
             else:
                 loss = engine.loss_function(logits, labels)
         if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"non-finite loss at iteration {engine.state.iteration}: check the inputs or lower the learning rate")
+            raise FloatingPointError(
+                f"non-finite loss at iteration {engine.state.iteration}: check the inputs or lower the learning rate"
+            )
         optimise(engine, loss)
         return {"image": images, "label": labels, "pred": logits.detach(), "loss": loss.detach()}

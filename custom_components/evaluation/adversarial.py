@@ -24,7 +24,7 @@ Written for this project (not copied). Conventions:
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn

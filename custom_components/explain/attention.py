@@ -13,7 +13,7 @@ Spec ``specs/explanations.md`` sections 1, 2 and 9.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -28,7 +28,9 @@ HEAD_FUSIONS = ("mean", "max", "min")
 ROLLOUT_VARIANTS = ("standard", "lgmvit_reference")
 
 
-def _finish(token_map: torch.Tensor, upsample: str, normalize: str, out_size, eps: float) -> torch.Tensor:
+def _finish(
+    token_map: torch.Tensor, upsample: str, normalize: str, out_size: Sequence[int] | None, eps: float
+) -> torch.Tensor:
     """(B, N) patch scores -> (B, n, n) -> optional resize -> optional per-sample min-max."""
     side = patch_grid_side(token_map.shape[-1])
     maps = token_map.reshape(-1, side, side)
@@ -98,7 +100,7 @@ def attention_rollout(
     return joint
 
 
-class RawAttention(Explainer):
+class RawAttention(Explainer[ViTCapture]):
     """Head-mean CLS attention of one block (default: the last) over the patches.
 
     Args:
@@ -128,13 +130,19 @@ class RawAttention(Explainer):
     def capture(self, detach: bool = False) -> ViTCapture:
         return ViTCapture(self.model, blocks=(self.block,), attention=True, tokens=False, detach=detach)
 
-    def explain(self, logits, record, target=None, out_size=None):
+    def explain(
+        self,
+        logits: torch.Tensor,
+        record: ViTCapture,
+        target: torch.Tensor | None = None,
+        out_size: Sequence[int] | None = None,
+    ) -> torch.Tensor:
         attn = record.attention(self.block)
         cls_row = attn.mean(dim=1)[:, 0, 1:]
         return _finish(cls_row, self.upsample, self.normalize, out_size, self.eps)
 
 
-class AttentionRollout(Explainer):
+class AttentionRollout(Explainer[ViTCapture]):
     """Attention rollout of the CLS token over the patches (batched, per-sample discard).
 
     Args:
@@ -190,6 +198,12 @@ class AttentionRollout(Explainer):
             [record.attention(i) for i in indices], self.head_fusion, self.discard_ratio, self.variant
         )
 
-    def explain(self, logits, record, target=None, out_size=None):
+    def explain(
+        self,
+        logits: torch.Tensor,
+        record: ViTCapture,
+        target: torch.Tensor | None = None,
+        out_size: Sequence[int] | None = None,
+    ) -> torch.Tensor:
         joint = self.rollout(record)
         return _finish(joint[:, 0, 1:], self.upsample, self.normalize, out_size, self.eps)

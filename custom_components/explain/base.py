@@ -10,7 +10,8 @@ so a map used by a guidance loss stays in the autograd graph of that pass.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Generic, TypeVar
 
 import torch
 import torch.nn as nn
@@ -19,6 +20,9 @@ import torch.nn.functional as F
 from custom_components.capture import ViTCapture
 
 __all__ = ["Explainer", "resize_maps", "check_map_options", "UPSAMPLE_MODES", "NORMALIZE_MODES"]
+
+#: what an explainer's :meth:`Explainer.capture` returns and its :meth:`Explainer.explain` reads
+RecordT = TypeVar("RecordT", bound=ViTCapture)
 
 UPSAMPLE_MODES = ("bilinear", "nearest", "none")
 NORMALIZE_MODES = ("minmax", "none")
@@ -42,8 +46,11 @@ def resize_maps(maps: torch.Tensor, out_size: Sequence[int] | None, mode: str = 
     return F.interpolate(maps.unsqueeze(1), size=tuple(int(s) for s in out_size), mode=mode, **kwargs).squeeze(1)
 
 
-class Explainer(ABC):
+class Explainer(ABC, Generic[RecordT]):
     """Base of explanation methods for an attribution-ready network.
+
+    Generic in the capture type ``RecordT`` (:class:`~custom_components.capture.ViTCapture` or a
+    subclass), so :meth:`capture` and :meth:`explain` of a subclass agree on it.
 
     Args:
         model: the network (DDP wrappers are looked through by the capture).
@@ -57,14 +64,14 @@ class Explainer(ABC):
         self.model = model
 
     @abstractmethod
-    def capture(self, detach: bool = False) -> ViTCapture:
+    def capture(self, detach: bool = False) -> RecordT:
         """A capture object recording what :meth:`explain` needs during the next forward."""
 
     @abstractmethod
     def explain(
         self,
         logits: torch.Tensor,
-        record: ViTCapture,
+        record: RecordT,
         target: torch.Tensor | None = None,
         out_size: Sequence[int] | None = None,
     ) -> torch.Tensor:

@@ -24,7 +24,8 @@ Side effect inherited from MONAI: each call zeroes the model's parameter gradien
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -57,7 +58,7 @@ class BatchModelWithHooks(ModelWithHooks):
         ]
         self.register_forward = self.register_backward = True
 
-    def class_score(self, logits: torch.Tensor, class_idx) -> torch.Tensor:
+    def class_score(self, logits: torch.Tensor, class_idx: torch.Tensor | int) -> torch.Tensor:
         logits = logits.reshape(logits.shape[0], -1)
         if isinstance(class_idx, torch.Tensor):
             index = class_idx.to(logits.device).reshape(-1, 1).long()
@@ -80,7 +81,14 @@ class BatchModelWithHooks(ModelWithHooks):
 class BatchGradCAMpp(GradCAMpp):
     """MONAI's Grad-CAM++ with the exponential score broadcast per sample."""
 
-    def compute_map(self, x, class_idx=None, retain_graph=False, layer_idx=-1, **kwargs):
+    def compute_map(  # type: ignore[override]  # GradCAMpp's signature; MONAI's own subclasses ignore it too
+        self,
+        x: torch.Tensor,
+        class_idx: torch.Tensor | int | None = None,
+        retain_graph: bool = False,
+        layer_idx: int = -1,
+        **kwargs: Any,
+    ) -> torch.Tensor:
         _, acti, grad = self.nn_module(x, class_idx=class_idx, retain_graph=retain_graph, **kwargs)
         acti, grad = acti[layer_idx], grad[layer_idx]
         b, c, *spatial = grad.shape
@@ -139,8 +147,8 @@ class CNNGradCAM:
     def release(self) -> None:
         self.hooked.release()
 
-    def __enter__(self) -> "CNNGradCAM":
+    def __enter__(self) -> CNNGradCAM:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.release()

@@ -11,7 +11,7 @@ upsampling with ``align_corners=False``, and no normalisation of either map.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -43,7 +43,7 @@ def eafem_map(attn: torch.Tensor, tokens: torch.Tensor, beta: float, out_size: S
     return resize_maps(fused.reshape(-1, side, side), out_size, mode="bilinear")
 
 
-class EAFEM(Explainer):
+class EAFEM(Explainer[ViTCapture]):
     """EAFEM explainer of the last transformer block (class-agnostic: ``target`` is ignored).
 
     Args:
@@ -62,7 +62,13 @@ class EAFEM(Explainer):
     def capture(self, detach: bool = False) -> ViTCapture:
         return ViTCapture(self.model, blocks=(self.block,), attention=True, tokens=True, detach=detach)
 
-    def explain(self, logits, record, target=None, out_size=None):
+    def explain(
+        self,
+        logits: torch.Tensor,
+        record: ViTCapture,
+        target: torch.Tensor | None = None,
+        out_size: Sequence[int] | None = None,
+    ) -> torch.Tensor:
         attn, tokens = record.attention(self.block), record.token(self.block)
         if out_size is None:  # the patch grid itself
             out_size = (patch_grid_side(attn.shape[-1] - 1),) * 2

@@ -18,7 +18,7 @@ weights through A only. ``second_order=True`` differentiates through them as wel
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -78,13 +78,13 @@ def gae_relevance(attentions: Sequence[torch.Tensor], gradients: Sequence[torch.
     b, _, s, _ = first.shape
     dtype = torch.promote_types(first.dtype, torch.float32)
     relevance = torch.eye(s, dtype=dtype, device=first.device).expand(b, s, s)
-    for attn, grad in zip(attentions, gradients):
+    for attn, grad in zip(attentions, gradients, strict=True):
         cam = (grad.to(dtype) * attn.to(dtype)).clamp(min=0).mean(dim=1)  # rule 5
         relevance = relevance + torch.bmm(cam, relevance)  # rule 6
     return relevance
 
 
-class GAE(Explainer):
+class GAE(Explainer[ViTCapture]):
     """Batched GAE relevance of the CLS token over the patches.
 
     Args:
@@ -125,12 +125,12 @@ class GAE(Explainer):
         # The attention must stay in the graph: GAE differentiates the logits w.r.t. it.
         return ViTCapture(self.model, blocks=None, attention=True, tokens=False, detach=False)
 
-    def _target(self, logits: torch.Tensor, target) -> torch.Tensor:
+    def _target(self, logits: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
         if self.target == "auto":
             return target_scalar(logits, target)
         return target_scalar(logits, self.target)
 
-    def relevance(self, logits: torch.Tensor, record: ViTCapture, target=None) -> torch.Tensor:
+    def relevance(self, logits: torch.Tensor, record: ViTCapture, target: torch.Tensor | None = None) -> torch.Tensor:
         """The full (B, S, S) relevance matrix of the forward recorded by ``record``."""
         n_blocks = len(record.vit.blocks)
         indices = list(range(n_blocks))[self.start_layer :]
@@ -146,7 +146,13 @@ class GAE(Explainer):
         grads = torch.autograd.grad(scalar, attentions, retain_graph=True, create_graph=self.second_order)
         return gae_relevance(attentions, grads)
 
-    def explain(self, logits, record, target=None, out_size=None):
+    def explain(
+        self,
+        logits: torch.Tensor,
+        record: ViTCapture,
+        target: torch.Tensor | None = None,
+        out_size: Sequence[int] | None = None,
+    ) -> torch.Tensor:
         relevance = self.relevance(logits, record, target)
         side = patch_grid_side(relevance.shape[-1] - 1)
         maps = relevance[:, 0, 1:].reshape(-1, side, side)

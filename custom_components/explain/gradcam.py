@@ -24,7 +24,7 @@ copy, which can mix classes in one map).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -80,7 +80,7 @@ class GradCAMCapture(ViTCapture):
         self.activation = None
 
 
-class ViTGradCAM(Explainer):
+class ViTGradCAM(Explainer[GradCAMCapture]):
     """Grad-CAM on the patch tokens of a ViT layer output.
 
     Args:
@@ -131,11 +131,11 @@ class ViTGradCAM(Explainer):
     def capture(self, detach: bool = False) -> GradCAMCapture:
         return GradCAMCapture(self.model, self.layer, detach=False)
 
-    def cam(self, logits: torch.Tensor, record: GradCAMCapture, target=None) -> torch.Tensor:
+    def cam(self, logits: torch.Tensor, record: GradCAMCapture, target: torch.Tensor | None = None) -> torch.Tensor:
         """(B, N) Grad-CAM scores before ReLU, resizing and normalisation."""
         return self._cam(logits, record, target if self.target == "auto" else self.target)
 
-    def _cam(self, logits: torch.Tensor, record: GradCAMCapture, target) -> torch.Tensor:
+    def _cam(self, logits: torch.Tensor, record: GradCAMCapture, target: torch.Tensor | int | str | None) -> torch.Tensor:
         act = record.activation
         if act is None or not act.requires_grad or not logits.requires_grad:
             raise RuntimeError("ViTGradCAM needs a forward with gradients enabled inside ViTGradCAM.capture()")
@@ -153,7 +153,13 @@ class ViTGradCAM(Explainer):
             proj = torch.where(corr < 0, -proj, proj)
         return proj
 
-    def explain(self, logits, record, target=None, out_size=None):
+    def explain(
+        self,
+        logits: torch.Tensor,
+        record: GradCAMCapture,
+        target: torch.Tensor | None = None,
+        out_size: Sequence[int] | None = None,
+    ) -> torch.Tensor:
         if self.aug_smooth:
             raise RuntimeError(
                 "ViTGradCAM(aug_smooth=True) needs six forwards of augmented images, not one recorded "
@@ -189,7 +195,15 @@ class ViTGradCAM(Explainer):
             maps = minmax_per_sample(maps, self.eps)
         return maps
 
-    def _aug_pass(self, images, flip: bool, factor: float, target, index, out_size):
+    def _aug_pass(
+        self,
+        images: torch.Tensor,
+        flip: bool,
+        factor: float,
+        target: torch.Tensor | None,
+        index: torch.Tensor | None,
+        out_size: Sequence[int],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """One de-augmented, scaled pass map (B, H, W) and the target index (resolved on the first pass)."""
         augmented = images.flip(-1) if flip else images
         if factor != 1.0:

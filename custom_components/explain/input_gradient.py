@@ -9,6 +9,8 @@ Simpson et al., "GradMask: Reduce Overfitting by Regularizing Saliency", MIDL 20
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn as nn
 
@@ -36,7 +38,7 @@ class InputCapture(ViTCapture):
         if torch.is_grad_enabled() and not x.requires_grad:
             x = x.detach().requires_grad_(True)
             self.inputs = x
-            return (x,) + tuple(args[1:])
+            return (x, *args[1:])
         self.inputs = x
         return None
 
@@ -45,7 +47,7 @@ class InputCapture(ViTCapture):
         self.inputs = None
 
 
-class InputGradient(Explainer):
+class InputGradient(Explainer[InputCapture]):
     """Saliency ``sum_c |d(target)/dx_c|`` with the graph kept for double backprop.
 
     Args:
@@ -78,7 +80,13 @@ class InputGradient(Explainer):
     def capture(self, detach: bool = False) -> InputCapture:
         return InputCapture(self.model)
 
-    def explain(self, logits, record, target=None, out_size=None):
+    def explain(
+        self,
+        logits: torch.Tensor,
+        record: InputCapture,
+        target: torch.Tensor | None = None,
+        out_size: Sequence[int] | None = None,
+    ) -> torch.Tensor:
         x = getattr(record, "inputs", None)
         if x is None or not x.requires_grad or not logits.requires_grad:
             raise RuntimeError("InputGradient needs a forward with gradients enabled inside InputGradient.capture()")

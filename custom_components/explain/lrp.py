@@ -24,6 +24,7 @@ Relevance below ``start_layer`` is not propagated (it does not enter the map).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -106,7 +107,7 @@ def lrp_residual_add(
     return ra.mul_(safe_divide(fa, sa, eps)), rb.mul_(safe_divide(fb, sb, eps))
 
 
-def target_index(logits: torch.Tensor, target=None) -> torch.Tensor:
+def target_index(logits: torch.Tensor, target: torch.Tensor | int | str | None = None) -> torch.Tensor:
     """Per-sample class index (B,) selected as :func:`~custom_components.explain.gae.target_scalar` does."""
     if logits.dim() == 1 or logits.shape[-1] == 1:
         return torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
@@ -200,7 +201,7 @@ def _block_relprop(blk: nn.Module, acts: dict, attn: torch.Tensor, relevance: to
     return r_skip.add_(r_h1), r_a
 
 
-class TransformerAttribution(Explainer):
+class TransformerAttribution(Explainer[LRPCapture]):
     """Chefer's LRP-based transformer attribution, batched (batched maps equal per-sample maps).
 
     Args:
@@ -236,7 +237,9 @@ class TransformerAttribution(Explainer):
     def capture(self, detach: bool = False) -> LRPCapture:
         return LRPCapture(self.model)
 
-    def propagate(self, logits: torch.Tensor, record: LRPCapture, target=None):
+    def propagate(
+        self, logits: torch.Tensor, record: LRPCapture, target: torch.Tensor | None = None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Relevance pass: (list of R^{A_l} for l >= start_layer, list of relevance at each block input).
 
         Both lists are in forward (block) order; the relevance of a one-hot target sums to ~1 per
@@ -267,7 +270,7 @@ class TransformerAttribution(Explainer):
             r_inputs[i] = relevance
         return r_attn[self.start_layer :], r_inputs[self.start_layer :]
 
-    def relevance(self, logits: torch.Tensor, record: LRPCapture, target=None) -> torch.Tensor:
+    def relevance(self, logits: torch.Tensor, record: LRPCapture, target: torch.Tensor | None = None) -> torch.Tensor:
         """C = (I + A_bar_L) ... (I + A_bar_start): (B, S, S)."""
         n_blocks = len(record.vit.blocks)
         indices = list(range(n_blocks))[self.start_layer :]
@@ -283,12 +286,18 @@ class TransformerAttribution(Explainer):
         s = r_attn[0].shape[-1]
         dtype = r_attn[0].dtype
         joint = torch.eye(s, dtype=dtype, device=r_attn[0].device).expand(r_attn[0].shape[0], s, s)
-        for grad, rel in zip(grads, r_attn):
+        for grad, rel in zip(grads, r_attn, strict=True):
             cam = (grad.detach().to(dtype) * rel).clamp(min=0).mean(dim=1)
             joint = joint + torch.bmm(cam, joint)
         return joint
 
-    def explain(self, logits, record, target=None, out_size=None):
+    def explain(
+        self,
+        logits: torch.Tensor,
+        record: LRPCapture,
+        target: torch.Tensor | None = None,
+        out_size: Sequence[int] | None = None,
+    ) -> torch.Tensor:
         joint = self.relevance(logits, record, target)
         side = patch_grid_side(joint.shape[-1] - 1)
         maps = joint[:, 0, 1:].reshape(-1, side, side)

@@ -12,8 +12,9 @@ evaluation and inference through the same checked path.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import ignite.distributed as idist
 import torch
@@ -81,7 +82,11 @@ class TrainingCheckpoint:
         if idist.get_rank() != 0:
             return
         state = {name: _unwrap(obj).state_dict() for name, obj in self.save_dict.items()}
-        state["trainer"] = {"epoch": engine.state.epoch, "iteration": engine.state.iteration, "epoch_length": engine.state.epoch_length}
+        state["trainer"] = {
+            "epoch": engine.state.epoch,
+            "iteration": engine.state.iteration,
+            "epoch_length": engine.state.epoch_length,
+        }
         if self.fingerprint is not None:
             state["fingerprint"] = self.fingerprint
         atomic_save(state, self.path)

@@ -6,7 +6,8 @@ in dataset order, and the saved values are the class probabilities the MedMNIST 
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import csv
 import io
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import ignite.distributed as idist
 import torch
@@ -61,7 +62,7 @@ class PredictionCSVWriter:
         n_prob = rows.shape[1] - 1
         names = ["prob_1"] if n_prob == 1 else [f"prob_{c}" for c in range(n_prob)]
         w.writerow([self.id_key, "label", "pred", *names])
-        for key, row in zip(ids, rows.tolist()):
+        for key, row in zip(ids, rows.tolist(), strict=True):
             probs = row[1:]
             pred = int(probs[0] > 0.5) if n_prob == 1 else max(range(n_prob), key=probs.__getitem__)
             w.writerow([key, int(row[0]), pred, *[f"{p:.6f}" for p in probs]])

@@ -143,7 +143,8 @@ class PredictionWriter:
             return {"n_slices": n, **{k: (sum(v) / n if n else None) for k, v in per_name.items()}}
 
         pooled = {k: [x for case in self.quality.values() for x in case[k]] for k in names}
-        report = {"map": self.map_name, "overall": summary(pooled), "per_case": {c: summary(v) for c, v in sorted(self.quality.items())}}
+        per_case = {c: summary(v) for c, v in sorted(self.quality.items())}
+        report = {"map": self.map_name, "overall": summary(pooled), "per_case": per_case}
         atomic_save_json(report, self.output_dir / "explanation_quality.json")
 
         def fmt(row: dict) -> dict:
@@ -153,7 +154,9 @@ class PredictionWriter:
         text = (
             f"# Explanation quality of the {self.map_name} maps\n\n"
             "Slices with a non-empty mask only; values in percent. Pointing game: the map's maximum lies in the mask. "
-            "IoU top-k: box around the top-k % pixels vs the mask.\n\n" + markdown_table(rows, ["scan", "n_slices", *names]) + "\n"
+            "IoU top-k: box around the top-k % pixels vs the mask.\n\n"
+            + markdown_table(rows, ["scan", "n_slices", *names])
+            + "\n"
         )
         atomic_write_text(text, self.output_dir / "explanation_quality.md")
 

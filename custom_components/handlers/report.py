@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import ignite.distributed as idist
 from ignite.engine import Engine, Events

@@ -28,8 +28,9 @@ import io
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -158,7 +159,7 @@ def score_explanations(
             for k in ks:
                 scores[f"iou_top{float(k):g}"] = topk_box_iou(m, g, float(k))
             for name, vals in scores.items():
-                for i, v in zip(idx, vals.tolist()):
+                for i, v in zip(idx, vals.tolist(), strict=True):
                     per_image[method][name][i] = v
 
     faithful = network is not None and dataset is not None and faithfulness_steps > 0 and positives
@@ -227,7 +228,7 @@ def _faithfulness(index, maps, positives, per_image, network, dataset, checkpoin
         for s in range(0, len(positives), batch_size):
             idx = positives[s:s + batch_size]
             batch = [dataset[i] for i in idx]
-            for i, it in zip(idx, batch):
+            for i, it in zip(idx, batch, strict=True):
                 if it["image_path"] != items[i]["image"]:
                     raise InputDataError(it["image_path"], f"item {i} is {items[i]['image']!r} in the explanations: "
                                                            "explain and evaluate use different data")
@@ -238,7 +239,7 @@ def _faithfulness(index, maps, positives, per_image, network, dataset, checkpoin
                     for mode in ("deletion", "insertion"):
                         auc = deletion_insertion_auc(network, images, m, target=int(index["target"]), steps=steps,
                                                      baseline=base, mode=mode)
-                        for i, v in zip(idx, auc.tolist()):
+                        for i, v in zip(idx, auc.tolist(), strict=True):
                             per_image[method][f"{mode}_auc"][i] = v
             if bar is not None:
                 bar.update(len(idx))

@@ -23,8 +23,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -146,7 +147,8 @@ def write_explanations(
                 if not torch.isfinite(maps).all():
                     raise FloatingPointError(f"method {name!r} produced non-finite maps for batch starting at item {start}")
                 arrays[name][start:start + b] = maps.clamp(0, 1).cpu().numpy().astype(map_dtype)
-            arrays["images"][start:start + b] = _display_images(batch["image"], getattr(dataset, "normalize", "imagenet") == "imagenet")
+            imagenet = getattr(dataset, "normalize", "imagenet") == "imagenet"
+            arrays["images"][start:start + b] = _display_images(batch["image"], imagenet)
             arrays["masks"][start:start + b] = (batch["mask"][:, 0] > 0.5).to(torch.uint8).numpy()
             for i in range(b):
                 items.append({

@@ -36,7 +36,8 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import ignite.distributed as idist
 import torch

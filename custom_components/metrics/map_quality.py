@@ -49,7 +49,7 @@ def topk_box_iou(maps: torch.Tensor, masks: torch.Tensor, k: float = 10.0) -> to
     if not 0.0 < k < 100.0:
         raise ValueError(f"k must be in (0, 100), got {k}")
     maps, masks = _check(maps, masks)
-    b, h, w = maps.shape
+    _, h, w = maps.shape
     index = int(h * w * k / 100.0)
     threshold = maps.flatten(1).sort(dim=1, descending=True).values[:, index].view(-1, 1, 1)
     fg = maps >= threshold

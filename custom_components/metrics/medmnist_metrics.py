@@ -18,7 +18,8 @@ size, and the same text in ``engine.state.metric_notes[name]`` for the metrics r
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import ignite.distributed as idist
 import torch

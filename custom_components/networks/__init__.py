@@ -1,3 +1,3 @@
-from .vit import AttributionViT
+from .vit import AttributionViT, attribution_vit
 
-__all__ = ["AttributionViT"]
+__all__ = ["AttributionViT", "attribution_vit"]

@@ -34,8 +34,9 @@ which gives stage grids 28/14/7/4 (224 input, default: 56/28/14/7), total stride
 ceil mode, so odd grids are fine; any input >= 1 pixel per stage runs. ``kv_pool`` chooses the
 E-MHSA key/value reduction: ``"1d"`` (default, as released: AvgPool1d with kernel = stride =
 sr^2 over the flattened raster order, which crosses row boundaries), ``"2d"`` (alias ``"grid"``:
-true sr x sr average pooling on the grid, ceil mode) or ``"adaptive"`` (see below). When the sequence is shorter than sr^2 the 1-D kernel
-is clipped to the sequence length (the released code would fail there); at 224 nothing changes.
+true sr x sr average pooling on the grid, ceil mode) or ``"adaptive"`` (see below). When the sequence is shorter
+than sr^2 the 1-D kernel is clipped to the sequence length (the released code would fail there); at 224 nothing
+changes.
 
 Patch Moment Changer (PMC)
 --------------------------
@@ -69,7 +70,7 @@ kernel that leaves at most ``max_kv_tokens`` tokens, chosen at run time from the
 
 from __future__ import annotations
 
-from typing import Callable, List, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -137,7 +138,7 @@ def make_divisible(v: float, divisor: int, min_value: int | None = None) -> int:
     return new_v
 
 
-def kv_pool_kernel(grid: List[int], max_tokens: int) -> int:
+def kv_pool_kernel(grid: list[int], max_tokens: int) -> int:
     """Smallest kernel k (the same on every axis) with prod(ceil(n / k) for n in grid) <= max_tokens."""
     k = 1
     count = max_tokens + 1
@@ -207,7 +208,7 @@ class MHCA(nn.Module):
 
 
 class SELayer(nn.Module):
-    """Squeeze-excitation (global mean over all spatial axes) with a ``channels // reduction`` bottleneck and an h-sigmoid gate."""
+    """Squeeze-excitation (global mean over all spatial axes), a ``channels // reduction`` bottleneck, an h-sigmoid gate."""
 
     def __init__(self, channels: int, reduction: int):
         super().__init__()
@@ -317,7 +318,7 @@ class EMHSA(nn.Module):
             kk = min(kk, n)
             seq = F.avg_pool1d(x.transpose(1, 2), kk, kk)
         else:
-            cube = x.transpose(1, 2).reshape([b, c] + grid)
+            cube = x.transpose(1, 2).reshape([b, c] + grid)  # noqa: RUF005 (TorchScript has no starred list literals)
             if len(grid) == 2:
                 cube = F.avg_pool2d(cube, k, k, ceil_mode=True, count_include_pad=False)
             else:
@@ -438,7 +439,7 @@ class MedViT(nn.Module):
 
     #: block classes (ECB, LTB); MedViT-3D's thin subclasses override them
     block_types: tuple[type, type] = (ECB, LTB)
-    __jit_ignored_attributes__ = ["block_types"]
+    __jit_ignored_attributes__ = ("block_types",)
 
     def __init__(
         self,
@@ -497,7 +498,7 @@ class MedViT(nn.Module):
         stages = []
         for stage_id in range(4):
             blocks = []
-            for block_id, (out_ch, kind) in enumerate(zip(channels[stage_id], kinds[stage_id])):
+            for block_id, (out_ch, kind) in enumerate(zip(channels[stage_id], kinds[stage_id], strict=True)):
                 stride = 2 if strides[stage_id] == 2 and block_id == 0 else 1
                 if kind == "ecb":
                     blocks.append(ecb_type(in_channels=in_ch, out_channels=out_ch, stride=stride,

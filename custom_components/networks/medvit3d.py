@@ -29,7 +29,7 @@ constructors). Design choices:
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from custom_components.networks.medvit import (
     ECB,

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,7 @@ def _unwrap_checkpoint(ckpt: Mapping) -> Mapping[str, torch.Tensor]:
 def resample_pos_embed(pos_embed: torch.Tensor, grid: int, num_prefix: int = 1) -> torch.Tensor:
     """Bicubically resample (1, prefix + n*n, D) to (1, prefix + grid*grid, D), keeping prefix tokens."""
     prefix, patches = pos_embed[:, :num_prefix], pos_embed[:, num_prefix:]
-    old = int(math.isqrt(patches.shape[1]))
+    old = math.isqrt(patches.shape[1])
     if old == grid:
         return pos_embed
     d = patches.shape[-1]
@@ -90,7 +90,11 @@ def load_pretrained_vit(model: torch.nn.Module, path: str | Path, strict_backbon
         raise InputDataError(path, f"expected a state dict, found {type(ckpt).__name__}")
     mapped = map_state_dict(ckpt, model)
     target = model.state_dict()
-    wrong = [f"{k}: {list(v.shape)} vs {list(target[k].shape)}" for k, v in mapped.items() if k in target and v.shape != target[k].shape]
+    wrong = [
+        f"{k}: {list(v.shape)} vs {list(target[k].shape)}"
+        for k, v in mapped.items()
+        if k in target and v.shape != target[k].shape
+    ]
     if wrong:
         raise InputDataError(path, "shape mismatch for " + "; ".join(wrong[:5]))
     result = model.load_state_dict(mapped, strict=False)

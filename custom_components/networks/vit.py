@@ -12,18 +12,23 @@ identity of each :class:`Attention` module.
 
 Parameter names follow timm's ``VisionTransformer`` (``cls_token``, ``pos_embed``,
 ``patch_embed.proj``, ``blocks.N.attn.qkv`` ...), so timm / DINO / MAE checkpoints load through
-:func:`custom_components.networks.pretrained.load_pretrained_vit` and give timm's logits.
+:func:`custom_components.networks.pretrained.load_pretrained_vit` and give timm's logits;
+:func:`attribution_vit` (the bundles' ``network_def``) builds the module and loads such a checkpoint.
 """
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["AttributionViT", "Attention", "Block", "sincos_2d_pos_embed", "lgmvit_reference_pos_embed"]
+from .pretrained import load_pretrained_vit
+
+__all__ = ["AttributionViT", "attribution_vit", "Attention", "Block", "sincos_2d_pos_embed", "lgmvit_reference_pos_embed"]
 
 POS_EMBED_TYPES = ("learnable", "sincos", "lgmvit_reference", "none")
 
@@ -196,7 +201,9 @@ class AttributionViT(nn.Module):
             ``models/lgmvit.py``): patch BatchNorm, no qkv bias, eps 1e-5, Q1 positional encoding,
             no final norm, LayerNorm + Linear head, dropout 0.1, uniform drop path 0.1, zero CLS
             init and PyTorch default init. It overrides the corresponding arguments.
-        pretrained_path: optional local timm / DINO / MAE / project checkpoint to load.
+
+    Pretrained weights: :func:`attribution_vit` (``pretrained_path``) or
+    :func:`~custom_components.networks.pretrained.load_pretrained_vit` on a built module.
     """
 
     def __init__(
@@ -220,7 +227,6 @@ class AttributionViT(nn.Module):
         drop_path_rate: float = 0.0,
         drop_path_uniform: bool = False,
         faithful: bool = False,
-        pretrained_path: str | None = None,
     ) -> None:
         super().__init__()
         if faithful:
@@ -272,10 +278,6 @@ class AttributionViT(nn.Module):
 
         if not faithful:
             self._init_weights()
-        if pretrained_path:
-            from custom_components.networks.pretrained import load_pretrained_vit
-
-            load_pretrained_vit(self, pretrained_path)
 
     def _init_weights(self) -> None:
         """timm-style init: truncated normal (std 0.02) linears and learnable position embedding."""
@@ -310,6 +312,20 @@ class AttributionViT(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def attribution_vit(pretrained_path: str | Path | None = None, **kwargs: Any) -> AttributionViT:
+    """Build an :class:`AttributionViT` from ``kwargs``, then load ``pretrained_path`` into it.
+
+    The bundles' ``network_def``. ``pretrained_path`` is a local timm / DINO / MAE / project
+    checkpoint, loaded by :func:`~custom_components.networks.pretrained.load_pretrained_vit` (every
+    backbone weight must fit; a head of another size is skipped); ``None`` or ``""`` keeps the
+    module's own initialisation.
+    """
+    model = AttributionViT(**kwargs)
+    if pretrained_path:
+        load_pretrained_vit(model, pretrained_path)
+    return model
 
 
 def patch_grid_side(num_patches: int) -> int:

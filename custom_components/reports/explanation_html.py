@@ -32,9 +32,10 @@ import json
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -339,7 +340,7 @@ def _number(value: Any) -> float | None:
 def _format(value: Any) -> str:
     if value is None:
         return "n/a"
-    if isinstance(value, bool) or isinstance(value, str):
+    if isinstance(value, (bool, str)):
         return str(value)
     if isinstance(value, int):
         return str(value)
@@ -502,7 +503,9 @@ table.metrics th, table.metrics td { border-bottom: 1px solid var(--line); paddi
                                      white-space: nowrap; }
 table.metrics td:nth-child(-n+2), table.metrics th:nth-child(-n+2) { text-align: left; }
 table.metrics thead th { position: sticky; top: 0; background: #f3f5f8; white-space: nowrap; }
-table.metrics th button { font: inherit; font-weight: 600; background: none; border: 0; padding: 0; cursor: pointer; color: inherit; }
+table.metrics th button {
+  font: inherit; font-weight: 600; background: none; border: 0; padding: 0; cursor: pointer; color: inherit;
+}
 table.metrics th button:focus-visible { outline: 2px solid #2463eb; outline-offset: 2px; }
 table.metrics th[aria-sort="ascending"] .dir::after { content: " \\25B2"; }
 table.metrics th[aria-sort="descending"] .dir::after { content: " \\25BC"; }
@@ -520,7 +523,9 @@ table.grid img { display: block; border-radius: 2px; }
 table.grid.pixelated img { image-rendering: pixelated; }
 .legend { display: flex; align-items: center; gap: .5rem; color: var(--muted); }
 .legend .bar { width: 14rem; height: .8rem; border: 1px solid var(--line); }
-.legend .swatch { display: inline-block; width: .8rem; height: .8rem; background: rgb(128,215,64); outline: 2px solid rgb(255,230,0); }
+.legend .swatch {
+  display: inline-block; width: .8rem; height: .8rem; background: rgb(128,215,64); outline: 2px solid rgb(255,230,0);
+}
 footer { margin-top: 2rem; color: var(--muted); font-size: .85rem; }
 """
 

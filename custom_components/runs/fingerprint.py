@@ -18,8 +18,9 @@ from __future__ import annotations
 import hashlib
 import inspect
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from monai.bundle import ConfigParser
 

@@ -15,8 +15,9 @@ import difflib
 import inspect
 import os
 import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from monai.bundle import ConfigParser
 
