@@ -2,19 +2,32 @@
 
 One object owns every hook it registers and removes them in :meth:`ViTCapture.release` (also on
 leaving a ``with`` block), in the manner of pytorch-grad-cam's activation/gradient recorders.
+:class:`Capture` is what every explainer's capture object offers (ViTs and CNNs alike).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import torch
 import torch.nn as nn
 
-__all__ = ["ViTCapture", "unwrap_vit"]
+__all__ = ["Capture", "ViTCapture", "unwrap_vit"]
 
 _CaptureT = TypeVar("_CaptureT", bound="ViTCapture")  # a subclass entered as a context is that subclass
+_SelfT = TypeVar("_SelfT")
+
+
+class Capture(Protocol):
+    """A context manager owning the hooks that record one forward pass for an explainer."""
+
+    def release(self) -> None:
+        """Remove every hook; safe to call twice."""
+
+    def __enter__(self: _SelfT) -> _SelfT: ...
+
+    def __exit__(self, *exc: object) -> None: ...
 
 
 def unwrap_vit(model: nn.Module) -> nn.Module:

@@ -4,6 +4,7 @@ from .cnn_cam import CNNGradCAM
 from .eafem import EAFEM, eafem_map
 from .gae import GAE, gae_relevance, minmax_per_sample, target_scalar
 from .gradcam import GradCAMCapture, ViTGradCAM
+from .ham_cam import HAMAttention, HAMCapture, ham_target_index
 from .input_gradient import InputCapture, InputGradient
 from .lrp import LRPCapture, TransformerAttribution
 
@@ -26,4 +27,7 @@ __all__ = [
     "ViTGradCAM",
     "GradCAMCapture",
     "CNNGradCAM",
+    "HAMAttention",
+    "HAMCapture",
+    "ham_target_index",
 ]

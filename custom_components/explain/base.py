@@ -17,12 +17,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from custom_components.capture import ViTCapture
+from custom_components.capture import Capture
 
 __all__ = ["Explainer", "resize_maps", "check_map_options", "UPSAMPLE_MODES", "NORMALIZE_MODES"]
 
 #: what an explainer's :meth:`Explainer.capture` returns and its :meth:`Explainer.explain` reads
-RecordT = TypeVar("RecordT", bound=ViTCapture)
+RecordT = TypeVar("RecordT", bound=Capture)
 
 UPSAMPLE_MODES = ("bilinear", "nearest", "none")
 NORMALIZE_MODES = ("minmax", "none")
@@ -49,8 +49,9 @@ def resize_maps(maps: torch.Tensor, out_size: Sequence[int] | None, mode: str = 
 class Explainer(ABC, Generic[RecordT]):
     """Base of explanation methods for an attribution-ready network.
 
-    Generic in the capture type ``RecordT`` (:class:`~custom_components.capture.ViTCapture` or a
-    subclass), so :meth:`capture` and :meth:`explain` of a subclass agree on it.
+    Generic in the capture type ``RecordT`` (any :class:`~custom_components.capture.Capture`: a
+    :class:`~custom_components.capture.ViTCapture` subclass for ViTs, a CNN's own hook owner), so
+    :meth:`capture` and :meth:`explain` of a subclass agree on it.
 
     Args:
         model: the network (DDP wrappers are looked through by the capture).

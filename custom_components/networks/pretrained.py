@@ -1,9 +1,15 @@
-"""Load local timm / DINO / MAE / project checkpoints into :class:`AttributionViT`.
+"""Load local pretrained checkpoints: timm / DINO / MAE / project ViTs, torchvision ResNets.
 
 :class:`~custom_components.networks.vit.AttributionViT` uses timm's parameter names, so the key
 mapping only strips wrappers and prefixes (``model``, ``teacher``, ``state_dict``; ``module.``,
 ``backbone.``), drops what a classifier does not use (MAE decoder, mask token, a head of another
 size) and resamples the position embedding when the patch grid differs (timm's bicubic rule).
+
+:class:`~custom_components.networks.ham.DilatedResNet` (MONAI's ResNet) names its parameters as
+torchvision does (``conv1``, ``bn1``, ``layer1.0.conv1``, ``layer1.0.downsample.0`` ...), so an
+ImageNet ResNet state dict maps after the same unwrapping, minus its classifier ``fc.*``. Strides
+and dilations change no parameter shape, so the weights fit at every output stride.
+
 Nothing is downloaded: ``path`` is a local file.
 """
 
@@ -16,10 +22,18 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from monai.networks.nets.resnet import ResNetBlock
 
 from custom_components.io import InputDataError, load_checkpoint
 
-__all__ = ["load_pretrained_vit", "map_state_dict", "check_init", "STUDY_INITS"]
+__all__ = [
+    "load_pretrained_vit",
+    "map_state_dict",
+    "check_init",
+    "STUDY_INITS",
+    "load_pretrained_resnet",
+    "map_resnet_state_dict",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -126,3 +140,66 @@ def check_init(init: str, pretrained_path: str | Path | None) -> None:
         raise InputDataError(f"init {init!r}", "needs a local checkpoint file: pass --pretrained_path FILE")
     if not Path(pretrained_path).is_file():
         raise InputDataError(pretrained_path, f"checkpoint for init {init!r} does not exist")
+
+
+def _strip_prefixes(state: Mapping[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    state = dict(state)
+    for prefix in prefixes:
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def map_resnet_state_dict(state: Mapping[str, torch.Tensor], backbone: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Map a torchvision-layout ResNet state dict onto ``backbone``'s keys (see module docstring).
+
+    Wrappers and a common ``module.`` / ``model.`` / ``backbone.`` prefix are removed, the ImageNet
+    classifier ``fc.*`` is dropped, and RGB stem weights are summed for a one-channel stem.
+    """
+    state = _strip_prefixes(_unwrap_checkpoint(state), ("module.", "model.", "backbone."))
+    mapped = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    stem = backbone.state_dict().get("conv1.weight")
+    weight = mapped.get("conv1.weight")
+    if stem is not None and weight is not None and weight.dim() == 4 and weight.shape[1] == 3 and stem.shape[1] == 1:
+        mapped["conv1.weight"] = weight.sum(dim=1, keepdim=True)  # RGB filters on a grey input
+    return mapped
+
+
+def load_pretrained_resnet(backbone: torch.nn.Module, path: str | Path) -> dict[str, list[str]]:
+    """Load a local torchvision-layout ResNet checkpoint into ``backbone``; returns the keys left at init.
+
+    Every backbone weight must come from the file, with the same shape, and every file weight but
+    ``fc.*`` must belong to the backbone; otherwise an :class:`~custom_components.io.InputDataError`
+    names the file and the keys. Two exceptions, since torchvision checkpoints lack them: BN
+    ``num_batches_tracked`` counters (absent from the pre-0.4.1 files such as
+    ``resnet50-19c8e357.pth``) and the ``layer1.0.downsample`` shortcut that a basic-block backbone
+    only has when its layer1 is strided (output stride 32 without pooling).
+    """
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, Mapping):
+        raise InputDataError(path, f"expected a state dict, found {type(ckpt).__name__}")
+    mapped = map_resnet_state_dict(ckpt, backbone)
+    target = backbone.state_dict()
+    wrong = [
+        f"{k}: file {list(v.shape)} vs network {list(target[k].shape)}"
+        for k, v in mapped.items()
+        if k in target and tuple(v.shape) != tuple(target[k].shape)
+    ]
+    if wrong:
+        raise InputDataError(path, f"not this ResNet: shape mismatch for {'; '.join(wrong[:3])}")
+    unexpected = [k for k in mapped if k not in target]
+    extra_shortcut = isinstance(backbone.layer1[0], ResNetBlock)
+    missing = [
+        k
+        for k in target
+        if k not in mapped
+        and not k.endswith("num_batches_tracked")
+        and not (extra_shortcut and k.startswith("layer1.0.downsample."))
+    ]
+    if missing or unexpected:
+        raise InputDataError(path, f"not this ResNet: missing {missing[:6]}, unexpected {unexpected[:6]}")
+    result = backbone.load_state_dict(mapped, strict=False)
+    left = [k for k in result.missing_keys if not k.endswith("num_batches_tracked")]
+    if left:
+        logger.info("%s: %d backbone tensors keep their initialisation (%s)", path, len(left), ", ".join(left[:4]))
+    return {"missing_keys": list(result.missing_keys), "unexpected_keys": list(result.unexpected_keys)}
