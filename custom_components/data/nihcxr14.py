@@ -240,8 +240,8 @@ def _findings(path: Path, line: int, text: str) -> tuple[str, ...]:
 def read_data_entry(path: str | os.PathLike) -> dict[str, EntryRow]:
     """Rows of ``Data_Entry_2017.csv`` / ``Data_Entry_2017_v2020.csv`` by image name, parsed by position.
 
-    The header must be the 11 NIH fields (:data:`DATA_ENTRY_HEADER`); a row has 11 fields, or 12
-    whose last is empty (the 2017 table's trailing comma). Ages may be ``58`` or ``058Y``.
+    The header must be the 11 NIH fields (:data:`DATA_ENTRY_HEADER`); a row has 11 fields after one
+    empty trailing field is dropped (the 2017 table's trailing comma). Ages may be ``58`` or ``058Y``.
     """
     path = Path(path)
     if not path.is_file():
@@ -249,8 +249,8 @@ def read_data_entry(path: str | os.PathLike) -> dict[str, EntryRow]:
     rows: dict[str, EntryRow] = {}
     header_seen = False
     for line, fields in _csv_rows(path):
-        if len(fields) == 12 and not fields[11]:
-            fields = fields[:11]
+        if len(fields) > 1 and not fields[-1]:
+            fields = fields[:-1]  # the 2017 table's trailing comma (spacing y is never empty)
         if not header_seen:
             header_seen = True
             if tuple(fields) != DATA_ENTRY_HEADER:
