@@ -453,11 +453,19 @@ def test_missing_images_skip_and_cli_error_line(twin, tmp_path, capsys):
     ds = _copy(twin, tmp_path)
     box_image = next(iter(nih.read_bbox_list(ds / "BBox_List_2017.csv")))
     (ds / "images" / box_image).unlink()
+    train_val = (ds / "train_val_list.txt").read_text().split()
+    (ds / "train_val_list.txt").write_text("\n".join(train_val[1:]))  # no trailing newline, one name left out
     capsys.readouterr()
     written = nih.prepare_nihcxr14(ds, tmp_path / "out", image_size=STORE_SIZE, missing_images="skip", progress=False)
     printed = capsys.readouterr().out
     assert f"1 of 24 rows of Data_Entry_2017.csv have no image (skipped): {box_image}" in printed
     assert "1 box images are missing" in printed and "1 names of test_list.txt have no image" in printed
+    assert f"1 rows of Data_Entry_2017.csv are in neither list (left out of the official split): {train_val[0]}" in printed
+    record = _json(written["record"])
+    assert record["missing"]["rows_without_image"] == record["missing"]["box_images_without_image"] == [box_image]
+    assert record["missing"]["test_list_without_image"] == [box_image]
+    assert record["missing"]["in_neither_list"] == [train_val[0]] and "train_val_list_without_image" not in record["missing"]
+    assert record["counts"]["train_val"] == len(train_val) - 1
     cases = {e["case"] for e in _json(written["official"])["test"]}
     assert len(cases) == len((ds / "test_list.txt").read_text().split()) - 1 and Path(box_image).stem not in cases
 

@@ -32,8 +32,9 @@ without cropping). Each image is written atomically (temporary name, then rename
 file under its final name is complete: a killed or repeated preparation skips the images that
 exist and removes the temporaries a killed run left. ``prepare.json`` records the settings
 (written before the first image, so a store is never filled with two sizes) and, at the end,
-the counts and notes (list counts against the release's, CSV rows in neither list, boxes of a
-finding the image labels do not list).
+the counts and notes (list counts against the release's) and, under ``missing``, every name
+left out: CSV rows in neither split list, rows / list names / box images without an image,
+images without a row, boxes of a finding the image's labels do not list.
 
 **Datalists** (Decathlon style, paths relative to ``output_dir``, one entry per line), entries::
 
@@ -148,17 +149,9 @@ CHEXPERT_FINDINGS: tuple[str, ...] = (
     "No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema", "Consolidation",
     "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other", "Fracture", "Support Devices",
 )  # fmt: skip
-#: CheXpert spelling variants (compared after lower-casing and folding ``_``, ``-`` and spaces)
-CHEXPERT_ALIASES: dict[str, str] = {
-    "enlarg cardiomediastinum": "Enlarged Cardiomediastinum",
-    "enlarged cardiom": "Enlarged Cardiomediastinum",
-    "cardiomediastinum": "Enlarged Cardiomediastinum",
-    "effusion": "Pleural Effusion",
-    "airspace opacity": "Lung Opacity",
-    "opacity": "Lung Opacity",
-    "lesion": "Lung Lesion",
-    "support device": "Support Devices",
-}
+#: CheXpert spelling variants beyond case, ``_``, ``-`` and spaces (which are folded: ``edema`` is Edema);
+#: the variant named in the spec (section 7). An unknown name raises, naming the known ones.
+CHEXPERT_ALIASES: dict[str, str] = {"enlarg cardiomediastinum": "Enlarged Cardiomediastinum"}
 #: 1: the first store layout (``prepare.json`` "format")
 FORMAT_VERSION = 1
 _DTYPES = {"uint8": ".png", "float16": ".npy"}
@@ -796,11 +789,13 @@ def _read_release(root: Path, data_entry: str | os.PathLike | None, boxes_json: 
         raise InputDataError(entry_path, f"row {r.line}: image {r.image} not found in images/ or images_NNN/images/"
                              f" ({len(missing)} rows without an image; missing_images='skip' prepares the images present)")
     if missing:
-        note(f"{len(missing)} of {len(all_rows)} rows of {entry_path.name} have no image (skipped): {_short(missing)}")
+        note(f"{len(missing)} of {len(all_rows)} rows of {entry_path.name} have no image (skipped): {_short(missing)}",
+             "rows_without_image", missing)
     rows = {n: r for n, r in all_rows.items() if n in images}
     unlisted = sorted(set(images) - set(all_rows))
     if unlisted:
-        note(f"{len(unlisted)} images have no row in {entry_path.name} (ignored): {_short(unlisted)}")
+        note(f"{len(unlisted)} images have no row in {entry_path.name} (ignored): {_short(unlisted)}",
+             "images_without_row", unlisted)
 
     box_path = Path(boxes_json) if boxes_json is not None else root / "BBox_List_2017.csv"
     if boxes_json is not None:
@@ -815,14 +810,15 @@ def _read_release(root: Path, data_entry: str | os.PathLike | None, boxes_json: 
             raise InputDataError(box_path, f"boxes for {name}, which has no row in {entry_path.name}")
     gone = sorted(n for n in boxes if n not in rows)
     if gone:
-        note(f"{len(gone)} box images are missing (skipped): {_short(gone)}")
+        note(f"{len(gone)} box images are missing (skipped): {_short(gone)}", "box_images_without_image", gone)
     boxes = {n: boxes[n] for n in sorted(boxes) if n in rows}
     sizes = {n: _image_size(images[n]) for n in boxes}
     check_boxes(boxes, sizes, box_path, box_tolerance)
     n_boxes = sum(len(bs) for per in boxes.values() for bs in per.values())
     off_label = [f"{n} / {f}" for n, per in boxes.items() for f in per if f not in rows[n].findings]
     if off_label:
-        note(f"{len(off_label)} boxes are of a finding the image's labels do not list: {_short(off_label)}")
+        note(f"{len(off_label)} boxes are of a finding the image's labels do not list: {_short(off_label)}",
+             "boxes_of_unlabelled_findings", off_label)
     if len(all_rows) == RELEASE_COUNTS["data_entry"] and boxes_json is None and (len(boxes), n_boxes) != (880, 984):
         note(f"{box_path.name}: {n_boxes} boxes on {len(boxes)} images; the NIH release has 984 on 880")
 
@@ -845,14 +841,15 @@ def _read_release(root: Path, data_entry: str | os.PathLike | None, boxes_json: 
             seen[n] = path.name
         gone = [n for n in names if n not in rows]
         if gone:
-            note(f"{len(gone)} names of {path.name} have no image (skipped): {_short(gone)}")
+            note(f"{len(gone)} names of {path.name} have no image (skipped): {_short(gone)}", f"{key}_list_without_image", gone)
         lists[key] = [n for n in names if n in rows]
         listed[key] = len(names)
         if len(all_rows) == RELEASE_COUNTS["data_entry"] and len(names) != RELEASE_COUNTS[key]:
             note(f"{path.name} holds {len(names)} names; the NIH release {RELEASE_COUNTS[key]}")
     neither = [n for n in rows if n not in seen]
     if neither:
-        note(f"{len(neither)} rows of {entry_path.name} are in neither list (left out of the official split): {_short(neither)}")
+        note(f"{len(neither)} rows of {entry_path.name} are in neither list (left out of the official split): {_short(neither)}",
+             "in_neither_list", neither)
     return _Release(images, entry_path, rows, box_path, boxes, sizes, lists, listed)
 
 
@@ -1017,9 +1014,12 @@ def prepare_nihcxr14(
     wanted_folds = _fold_list(folds, n_folds)
     root, out = Path(dataset_dir), Path(output_dir)
     notes: list[str] = []
+    missing: dict[str, list[str]] = {}
 
-    def note(text: str) -> None:
+    def note(text: str, key: str | None = None, names: Sequence[str] = ()) -> None:
         notes.append(text)
+        if key is not None:
+            missing[key] = list(names)
         print(f"note: {text}")
 
     release = _read_release(root, data_entry, boxes_json, missing_images, float(box_tolerance), note)
@@ -1077,6 +1077,7 @@ def prepare_nihcxr14(
                        **{k: len(v) for k, v in release.lists.items()}},
             "datalists": {k: {s: len(v) for s, v in dl.items()} for k, dl in datalists.items()},
             "notes": notes,
+            "missing": missing,
         }
         written["record"] = atomic_save_json(record, out / _STORE_RECORD)
         for key, dl in datalists.items():
