@@ -18,6 +18,8 @@ thick-slice scan ``--shape 40,32,9 --spacing 0.9,0.9,6.5``; the defaults are tho
         [--seed 0]
     python scripts/make_synthetic.py mura --output_dir D [--n_patients 8] [--body_parts XR_WRIST,XR_HAND]
         [--size 256,320] [--with_masks True] [--seed 0]
+    python scripts/make_synthetic.py nihcxr14 --output_dir D [--n_images 32] [--size 128] [--seed 0]
+        [--n_patients 10] [--layout images|batches] [--data_entry 2017|v2020]
 """
 
 from __future__ import annotations
@@ -133,6 +135,25 @@ def mura(
     return str(root)
 
 
+def nihcxr14(
+    output_dir: str,
+    n_images: int = 32,
+    size: int = 128,
+    seed: int = 0,
+    n_patients: int | None = None,
+    layout: str = "images",
+    data_entry: str = "2017",
+) -> str:
+    """NIH ChestX-ray14 twin: ``images/*.png``, ``Data_Entry_2017.csv``, ``BBox_List_2017.csv``, split lists."""
+    from custom_components.data.synthetic import write_nihcxr14_twin
+
+    root = write_nihcxr14_twin(output_dir, n_images=int(n_images), size=int(size), seed=int(seed),
+                               n_patients=None if n_patients is None else int(n_patients), layout=str(layout),
+                               data_entry=str(data_entry))
+    print(root)
+    return str(root)
+
+
 def vit_checkpoints(
     output_dir: str,
     img_size: int = 224,
@@ -155,7 +176,7 @@ def vit_checkpoints(
 
 
 COMMANDS = {"brats20": brats20, "lits17": lits17, "medmnist2d": medmnist2d, "medmnist3d": medmnist3d,
-            "kvasir": kvasir, "mura": mura, "vit_checkpoints": vit_checkpoints}
+            "kvasir": kvasir, "mura": mura, "nihcxr14": nihcxr14, "vit_checkpoints": vit_checkpoints}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -566,3 +566,154 @@ def write_standin_vit_checkpoints(output_dir: str | os.PathLike, img_size: int =
 
 
 __all__ += ["write_standin_vit_checkpoints"]
+
+
+# --------------------------------------------------------------------------- NIH ChestX-ray14
+
+
+def _chest_radiograph(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A grey radiograph-like image in [0, 1] (body, dark lungs with ribs, bright mediastinum) and its lung mask."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    x, y = 2 * (xx + 0.5) / size - 1, 2 * (yy + 0.5) / size - 1
+    body = (x / 0.88) ** 2 + (y / 0.98) ** 2 < 1
+    lungs = np.zeros((size, size), bool)
+    for side in (-1, 1):
+        cx, rx, ry = side * rng.uniform(0.36, 0.42), rng.uniform(0.25, 0.3), rng.uniform(0.5, 0.6)
+        lungs |= ((x - cx) / rx) ** 2 + ((y + 0.05) / ry) ** 2 < 1
+    img = np.full((size, size), 0.05, np.float32)
+    img[body] = 0.5
+    img[lungs] = 0.2 + 0.07 * (np.sin(24 * y[lungs] + 3 * x[lungs] ** 2) > 0.55)  # ribs
+    img[(np.abs(x) < 0.13) & (y > -0.7) & body] = 0.72  # mediastinum and spine
+    img += 0.05 * _noise2d(rng, size, size) + rng.normal(0, 0.015, (size, size)).astype(np.float32)
+    return img, lungs
+
+
+def _blob(img: np.ndarray, box: Sequence[float], amplitude: float, inside_only: bool = True) -> None:
+    """Add a bright Gaussian lesion centred in ``box`` = [x, y, w, h] (pixels); kept inside the box."""
+    size = img.shape[0]
+    x, y, w, h = box
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    g = np.exp(-(((xx - x - w / 2) / (w / 4)) ** 2 + ((yy - y - h / 2) / (h / 4)) ** 2) / 2)
+    if inside_only:
+        g *= (xx >= x) & (xx < x + w) & (yy >= y) & (yy < y + h)
+    img += amplitude * g
+
+
+def write_nihcxr14_twin(
+    output_dir: str | os.PathLike,
+    n_images: int = 32,
+    size: int = 128,
+    seed: int = 0,
+    n_patients: int | None = None,
+    layout: str = "images",
+    data_entry: str = "2017",
+) -> Path:
+    """NIH ChestX-ray14 twin in the release layout; returns ``output_dir``.
+
+    Writes ``images/<patient:08d>_<follow-up:03d>.png`` (``layout="batches"``: spread over
+    ``images_001/images/`` ... ``images_003/images/``), grey ``size`` x ``size`` radiograph-like PNGs
+    (every seventh image without boxes stored as RGBA, as a few NIH images are);
+    ``Data_Entry_2017.csv`` (NIH header, 11 fields and the 2017 trailing empty field;
+    ``data_entry="v2020"`` writes ``Data_Entry_2017_v2020.csv`` without it); ``BBox_List_2017.csv``
+    (header ``Image Index,Finding Label,Bbox [x,y,w,h],,,``, float boxes in image pixels,
+    ``Infiltrate`` spelling); ``train_val_list.txt`` and ``test_list.txt`` (patient-wise; every
+    image of a box patient is in the test list, as in NIH).
+
+    ``n_patients`` (default ``max(8, n_images // 3)``, at least 7) patients with one or more
+    follow-ups; ``max(5, n_patients // 3)`` of them (at most all but two) have 1, 3, 2, 1, 3, ...
+    images, of which the last (and the one before, with three) carry boxes; the other patients
+    share the remaining images. The box findings cycle
+    through the 8 box findings, with a second box finding or a second box of the same finding on
+    some images; each box holds a bright lesion blob. At least two images without boxes are
+    ``No Finding``. Deterministic from ``seed``.
+    """
+    from PIL import Image
+
+    from custom_components.data.nihcxr14 import BOX_FINDINGS, DATA_ENTRY_HEADER, FINDINGS
+
+    if layout not in ("images", "batches"):
+        raise ValueError(f"layout must be 'images' or 'batches', got {layout!r}")
+    if data_entry not in ("2017", "v2020"):
+        raise ValueError(f"data_entry must be '2017' or 'v2020', got {data_entry!r}")
+    n_patients = max(8, n_images // 3) if n_patients is None else int(n_patients)
+    n_box = min(max(5, n_patients // 3), n_patients - 2)
+    box_counts = [(1, 3, 2)[i % 3] for i in range(n_box)]
+    if n_patients < 7 or n_images < sum(box_counts) + n_patients - n_box:
+        raise ValueError(f"need n_patients >= 7 and n_images >= {sum(box_counts) + n_patients - n_box} "
+                         f"for {n_patients} patients, got {n_images} images")
+    size = int(size)
+    rng = np.random.default_rng(seed)
+    out = Path(output_dir)
+    patients = sorted(int(p) + 1 for p in rng.choice(30000, size=n_patients, replace=False))
+    box_patients = sorted(patients[i] for i in rng.choice(n_patients, size=n_box, replace=False))
+    others = [p for p in patients if p not in box_patients]
+    rest = n_images - sum(box_counts) - len(others)
+    other_counts = 1 + np.bincount(rng.integers(0, len(others), rest), minlength=len(others))
+    count_of = {**dict(zip(box_patients, box_counts, strict=True)), **dict(zip(others, other_counts.tolist(), strict=True))}
+    counts = [count_of[p] for p in patients]
+
+    records, box_rows, k_box, k_plain = [], [], 0, 0
+    for patient, count in zip(patients, counts, strict=True):
+        for fu in range(int(count)):
+            name = f"{patient:08d}_{fu:03d}.png"
+            img, lungs = _chest_radiograph(rng, size)
+            boxes: dict[str, list[list[float]]] = {}
+            if patient in box_patients and (fu == count - 1 or (count >= 3 and fu == count - 2)):
+                first = BOX_FINDINGS[k_box % len(BOX_FINDINGS)]
+                chosen = [first] + ([BOX_FINDINGS[(k_box + 3) % 8]] if k_box % 3 == 1 else [])
+                for j, finding in enumerate(chosen):
+                    n_same = 2 if (k_box % 4 == 2 and j == 0) else 1
+                    for _ in range(n_same):
+                        w, h = rng.uniform(0.15, 0.3, 2) * size
+                        x, y = rng.uniform(0.04 * size, 0.96 * size - w), rng.uniform(0.04 * size, 0.96 * size - h)
+                        box = [round(float(v), 9) for v in (x, y, w, h)]
+                        boxes.setdefault(finding, []).append(box)
+                        _blob(img, box, 0.35)
+                k_box += 1
+                findings = set(boxes) | ({FINDINGS[int(rng.integers(8, 14))]} if rng.random() < 0.3 else set())
+            else:
+                if k_plain < 2 or rng.random() < 0.3:
+                    findings = set()
+                else:
+                    findings = {FINDINGS[int(i)] for i in rng.choice(14, size=int(rng.integers(1, 3)), replace=False)}
+                ly, lx = np.nonzero(lungs)
+                for _ in findings:
+                    i = int(rng.integers(len(lx)))
+                    _blob(img, [lx[i] - 0.08 * size, ly[i] - 0.08 * size, 0.16 * size, 0.16 * size], 0.25, inside_only=False)
+                k_plain += 1
+            records.append((name, patient, fu, findings))
+            box_rows += [(f, name, b) for f, bs in boxes.items() for b in bs]
+            arr = np.clip(img * 255, 0, 255).astype(np.uint8)
+            im = Image.fromarray(arr)
+            if not boxes and k_plain % 7 == 0:
+                im = im.convert("RGBA")
+            n_batch = (len(records) - 1) * 3 // n_images + 1
+            folder = out / "images" if layout == "images" else out / f"images_{n_batch:03d}" / "images"
+            folder.mkdir(parents=True, exist_ok=True)
+            im.save(folder / name)
+
+    trailing = "," if data_entry == "2017" else ""
+    header = ",".join(DATA_ENTRY_HEADER[:7]) + ",OriginalImage[Width,Height],OriginalImagePixelSpacing[x,y]" + trailing
+    lines = [header]
+    for name, patient, fu, findings in records:
+        labels = "|".join(sorted(findings)) or "No Finding"
+        age, gender, view = 20 + patient % 60 + fu // 4, "MF"[patient % 2], ("PA", "AP")[fu % 2]
+        lines.append(f"{name},{labels},{fu},{patient},{age},{gender},{view},2500,2048,0.14300000000000002,0.14300000000000002"
+                     + trailing)
+    table = "Data_Entry_2017.csv" if data_entry == "2017" else "Data_Entry_2017_v2020.csv"
+    (out / table).write_text("\n".join(lines) + "\n")
+    spelled = {"Infiltration": "Infiltrate"}
+    order = {f: i for i, f in enumerate(BOX_FINDINGS)}
+    bbox_lines = ["Image Index,Finding Label,Bbox [x,y,w,h],,,"] + [
+        f"{name},{spelled.get(f, f)},{','.join(repr(v) for v in b)}"
+        for f, name, b in sorted(box_rows, key=lambda r: (order[r[0]], r[1]))
+    ]
+    (out / "BBox_List_2017.csv").write_text("\n".join(bbox_lines) + "\n")
+    test = sorted(r[0] for r in records if r[1] in box_patients)
+    train_val = sorted(r[0] for r in records if r[1] not in box_patients)
+    (out / "train_val_list.txt").write_text("\n".join(train_val) + "\n")
+    (out / "test_list.txt").write_text("\n".join(test) + "\n")
+    return out
+
+
+__all__ += ["write_nihcxr14_twin"]

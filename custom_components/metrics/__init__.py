@@ -1,4 +1,4 @@
-"""Metrics shared by the bundles (slice-level binary classification, LGM-ViT spec §7)."""
+"""Metrics shared by the bundles (slice-level binary classification, LGM-ViT spec §7; HAM localisation, ham.md §6)."""
 
 from custom_components.metrics.classification import (
     AUROC,
@@ -15,6 +15,21 @@ from custom_components.metrics.classification import (
     f1_score,
     positive_probability,
 )
+from custom_components.metrics.localization import (
+    CAM_THRESHOLD,
+    MINMAX_THRESHOLD,
+    TIOR_THRESHOLDS,
+    TIOU_THRESHOLDS,
+    LocalizationAccuracy,
+    MultiLabelAUROC,
+    binarize_maps,
+    iou_ior,
+    localization_accuracy,
+    localization_rows,
+    minmax_normalize,
+    multilabel_accuracy,
+    multilabel_auroc,
+)
 
 __all__ = [
     "positive_probability",
@@ -30,4 +45,17 @@ __all__ = [
     "AUROC",
     "AveragePrecision",
     "CohenKappa",
+    "CAM_THRESHOLD",
+    "MINMAX_THRESHOLD",
+    "TIOU_THRESHOLDS",
+    "TIOR_THRESHOLDS",
+    "minmax_normalize",
+    "binarize_maps",
+    "iou_ior",
+    "localization_rows",
+    "localization_accuracy",
+    "multilabel_auroc",
+    "multilabel_accuracy",
+    "LocalizationAccuracy",
+    "MultiLabelAUROC",
 ]
