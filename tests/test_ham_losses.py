@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from custom_components.guidance import (
     HAM_LOSS_TERMS,
     HAMLoss,
-    box_masks_from_boxes,
     ham_abnormality_loss,
     ham_bound_loss,
     ham_box_loss,
@@ -318,73 +315,3 @@ def test_shape_errors():
         ham_classification_loss(outputs[1], labels[:, :2])
     with pytest.raises(ValueError, match="raw_classes"):
         ham_bound_loss(outputs[4], outputs[5][..., :2], labels)
-
-
-# --------------------------------------------------------------------------- boxes -> masks
-
-CLASSES = ("Atelectasis", "Cardiomegaly", "Effusion")
-
-
-def test_integer_box_covers_w_times_h_pixels_at_its_place():
-    masks = box_masks_from_boxes({"Cardiomegaly": [[10, 20, 30, 40]]}, 64, CLASSES, orig_size=64)
-    assert masks.shape == (3, 64, 64) and masks.dtype == torch.float32
-    assert masks[1].sum().item() == 30 * 40
-    assert masks[1, 20:60, 10:40].min().item() == 1.0  # rows y..y+h, columns x..x+w
-    assert masks[0].sum().item() == 0 and masks[2].sum().item() == 0
-
-
-def test_overlapping_boxes_form_a_union():
-    boxes = {"Effusion": [[0, 0, 10, 10], [5, 5, 10, 10]], "Atelectasis": [[30, 30, 4, 4]]}
-    masks = box_masks_from_boxes(boxes, 64, CLASSES, orig_size=64)
-    assert masks[2].sum().item() == 100 + 100 - 25
-    assert masks[0].sum().item() == 16
-    assert masks.max().item() == 1.0
-
-
-def test_float_boxes_round_like_int_slicing():
-    masks = box_masks_from_boxes({"Atelectasis": [[2.7, 1.2, 3.6, 2.9]]}, 16, CLASSES, orig_size=16)
-    # rows int(1.2)..int(4.1) = 1..3, columns int(2.7)..int(6.3) = 2..5
-    expected = torch.zeros(16, 16)
-    expected[1:4, 2:6] = 1.0
-    assert torch.equal(masks[0], expected)
-    # clipped to the image; empty and degenerate boxes give nothing
-    clipped = box_masks_from_boxes({"Atelectasis": [[-5, 10, 10, 100], [3, 3, 0, 5]]}, 16, CLASSES, orig_size=16)
-    assert clipped[0].sum().item() == 5 * 6
-
-
-def test_resize_1024_to_512_quarters_the_area_and_equals_nearest_resize():
-    boxes = {"Atelectasis": [[100.5, 200.25, 301.0, 155.7]], "Effusion": [[0, 0, 17, 1024], [900, 900, 200, 200]]}
-    full = box_masks_from_boxes(boxes, 1024, CLASSES)
-    small = box_masks_from_boxes(boxes, 512, CLASSES)
-    assert small.shape == (3, 512, 512)
-    # full-size pixels: 301 x 155 (floored ends) and 17 x 1024 + 124 x 124 (clipped); at 512 each box
-    # edge may gain or lose one output row / column
-    assert full[0].sum().item() == 301 * 155 and full[2].sum().item() == 17 * 1024 + 124 * 124
-    assert abs(small[0].sum().item() - 301 * 155 / 4) <= (301 + 155) / 2 + 1
-    assert abs(small[2].sum().item() - (17 * 1024 + 124 * 124) / 4) <= (17 + 1024) / 2 + 1 + (124 + 124) / 2 + 1
-    # the same as rasterising at 1024 and a pixel-centre nearest resize (torch's nearest-exact)
-    for size in (512, 563, 300, (200, 700)):
-        direct = box_masks_from_boxes(boxes, size, CLASSES)
-        resized = F.interpolate(full[None], size=size if isinstance(size, tuple) else (size, size), mode="nearest-exact")[0]
-        assert torch.equal(direct, resized), size
-
-
-def test_resize_agrees_with_pil_nearest():
-    image = pytest.importorskip("PIL.Image")
-    boxes = {"Cardiomegaly": [[100.5, 200.25, 301.0, 155.7], [700, 10, 300, 90]]}
-    full = box_masks_from_boxes(boxes, 1024, CLASSES)[1].numpy().astype(np.uint8)
-    for size in (512, 563):
-        pil = np.asarray(image.fromarray(full).resize((size, size), image.Resampling.NEAREST))
-        assert np.array_equal(box_masks_from_boxes(boxes, size, CLASSES)[1].numpy().astype(np.uint8), pil)
-
-
-def test_box_mask_inputs():
-    assert torch.equal(box_masks_from_boxes(None, 8, CLASSES), torch.zeros(3, 8, 8))
-    assert torch.equal(box_masks_from_boxes({}, (4, 6), CLASSES), torch.zeros(3, 4, 6))
-    assert box_masks_from_boxes({"Effusion": [[0, 0, 4, 4]]}, 8, CLASSES, orig_size=8, dtype=torch.bool).dtype == torch.bool
-    with pytest.raises(ValueError, match="Infiltrate"):
-        box_masks_from_boxes({"Infiltrate": [[0, 0, 4, 4]]}, 8, CLASSES)
-    with pytest.raises(ValueError, match="four finite"):
-        box_masks_from_boxes({"Effusion": [[0, 0, 4]]}, 8, CLASSES)
-    with pytest.raises(ValueError, match="size"):
-        box_masks_from_boxes({}, 0, CLASSES)

@@ -4,7 +4,6 @@ from .gradmask import GradMaskLoss
 from .ham import (
     HAM_LOSS_TERMS,
     HAMLoss,
-    box_masks_from_boxes,
     ham_abnormality_loss,
     ham_bound_loss,
     ham_box_loss,
@@ -34,5 +33,4 @@ __all__ = [
     "ham_box_loss",
     "ham_bound_loss",
     "ham_union_loss",
-    "box_masks_from_boxes",
 ]

@@ -34,17 +34,12 @@ Choices the spec leaves open, made here:
   when sum_b w_bc > 0. A supervised class whose box was cropped away (B = 0) with an empty map
   contributes 0/eps = 0 and still counts, as in the reference.
 
-:func:`box_masks_from_boxes` rounds a float box [x, y, w, h] like the reference's ``int`` slicing,
-rows floor(y) .. floor(y + h) - 1 and columns floor(x) .. floor(x + w) - 1 (clipped to the image),
-then resizes with nearest-neighbour at pixel centres: output pixel i reads source pixel
-floor((i + 0.5) * orig / size), in exact integer arithmetic (torch ``nearest-exact``; PIL NEAREST,
-which the reference uses, agrees except where its floating point misrounds an exact tie).
+Box masks come from the data side (:func:`custom_components.data.nihcxr14.boxes_to_masks` / ``BoxMasksd``).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn as nn
@@ -58,7 +53,6 @@ __all__ = [
     "ham_box_loss",
     "ham_bound_loss",
     "ham_union_loss",
-    "box_masks_from_boxes",
 ]
 
 #: the keys of the per-term losses, in the order of spec section 4
@@ -294,58 +288,3 @@ class HAMLoss(nn.Module):
         }
         total = sum(self.weights[k] * terms[k] for k in HAM_LOSS_TERMS)
         return {"loss": total, **terms}
-
-
-def _pair(size: int | Sequence[int], name: str) -> tuple[int, int]:
-    if isinstance(size, int):
-        pair = (size, size)
-    else:
-        pair = tuple(int(s) for s in size)
-    if len(pair) != 2 or min(pair) < 1:
-        raise ValueError(f"{name} must be a positive int or (H, W), got {size!r}")
-    return pair
-
-
-def _covered(start: float, length: float, orig: int, size: int) -> torch.Tensor:
-    """(size,) bool: output pixels whose nearest source pixel lies in [floor(start), floor(start + length))."""
-    lo = max(math.floor(start), 0)
-    hi = min(math.floor(start + length), orig)
-    # source pixel of output i: floor((i + 0.5) * orig / size), exactly in integers
-    source = ((2 * torch.arange(size, dtype=torch.int64) + 1) * orig) // (2 * size)
-    return (source >= lo) & (source < hi)
-
-
-def box_masks_from_boxes(
-    boxes: Mapping[str, Sequence[Sequence[float]]] | None,
-    size: int | Sequence[int],
-    classes: Sequence[str],
-    orig_size: int | Sequence[int] = 1024,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """Per-class union masks (C, H, W) of NIH boxes (spec section 5).
-
-    Args:
-        boxes: {class name: [[x, y, w, h], ...]} in original pixels (``None`` or ``{}``: no boxes).
-        size: the training size, an int or (H, W).
-        classes: the class order of the channels; every key of ``boxes`` must be one of them.
-        orig_size: the original image size (1024 for NIH), an int or (H, W).
-        dtype: of the returned masks (values 0/1).
-
-    Equals rasterising mask[floor(y):floor(y + h), floor(x):floor(x + w)] = 1 at ``orig_size`` and a
-    nearest-neighbour (pixel-centre) resize to ``size``, computed without the full-size mask.
-    """
-    height, width = _pair(size, "size")
-    orig_h, orig_w = _pair(orig_size, "orig_size")
-    index = {name: i for i, name in enumerate(classes)}
-    masks = torch.zeros(len(classes), height, width, dtype=torch.bool)
-    for name, class_boxes in (boxes or {}).items():
-        if name not in index:
-            raise ValueError(f"box class {name!r} is not one of the classes {list(classes)}")
-        for box in class_boxes:
-            if len(box) != 4 or not all(math.isfinite(float(v)) for v in box):
-                raise ValueError(f"a box of {name!r} must be four finite numbers [x, y, w, h], got {box!r}")
-            x, y, w, h = (float(v) for v in box)
-            rows = _covered(y, h, orig_h, height)
-            cols = _covered(x, w, orig_w, width)
-            masks[index[name]] |= rows[:, None] & cols[None, :]
-    return masks.to(dtype)
