@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from custom_components.data.synthetic import write_brats20_twin
+from custom_components.io import load_checkpoint
 
 from bundle_utils import REPO, bundle_cmd, kill_once_checkpointed, subprocess_env
 from bundle_utils import run as _run
@@ -99,6 +100,10 @@ def test_rerun_with_other_settings_is_refused_unless_forced(tmp_path, twin):
     assert "--resume false" in error and "--force_resume true" in error
     forced = run([*other, "--force_resume", "true"])
     assert "resuming with other settings (--force_resume)" in forced.stdout + forced.stderr
+    # "--resume false" as typed (fire passes the string 'false'): starts over, no resume
+    fresh = run(bundle_cmd("training", tmp_path, twin, args=["--num_epochs", "1", "--resume", "false"]))
+    assert "resumed from" not in fresh.stdout + fresh.stderr
+    assert load_checkpoint(tmp_path / "models" / "last.pt")["trainer"]["epoch"] == 1
 
 
 def test_bad_checkpoints_give_one_line_at_every_load_site(tmp_path, twin):

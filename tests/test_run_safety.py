@@ -30,6 +30,7 @@ from custom_components.runs import (
     RunLockedError,
     UnknownOptionError,
     acquire_run_lock,
+    boolean_overrides,
     bundle_run_arguments,
     check_override_ids,
     describe_differences,
@@ -111,6 +112,12 @@ def test_bundle_run_command_line_is_parsed_as_fire_does():
     assert files == ["a.json", "b.json"]
     assert overrides == {"num_epochs": 2, "learning_rate": 0.5, "network_def#patch_size": 8, "amp": True, "seed": -1}
     assert bundle_run_arguments(["pytest", "run", "x"]) is None
+
+
+def test_true_false_strings_become_booleans_for_boolean_options():
+    files = [BRATS / "train.json", BRATS / "demo.json"]
+    overrides = {"resume": "false", "amp": "TRUE", "force_resume": False, "dataset_dir": "false", "num_epochs": 2}
+    assert boolean_overrides(files, overrides) == {"resume": False, "amp": True}
 
 
 def test_unknown_top_level_option_is_refused_with_a_suggestion():

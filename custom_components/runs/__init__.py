@@ -16,6 +16,7 @@ from custom_components.io import remove_stale_temporaries
 from .fingerprint import (
     DEFAULT_IGNORE,
     describe_differences,
+    find_parser,
     fingerprint_differences,
     flatten_config,
     run_fingerprint,
@@ -23,6 +24,7 @@ from .fingerprint import (
 from .lock import LOCK_NAME, RunLockedError, acquire_run_lock, release_run_lock
 from .overrides import (
     UnknownOptionError,
+    boolean_overrides,
     bundle_run_arguments,
     check_cli_overrides,
     check_override_ids,
@@ -34,6 +36,7 @@ __all__ = [
     "RunLockedError",
     "UnknownOptionError",
     "acquire_run_lock",
+    "boolean_overrides",
     "bundle_run_arguments",
     "check_cli_overrides",
     "check_override_ids",
@@ -53,13 +56,14 @@ def start_run(lock_dir: str | os.PathLike | None = None) -> None:
     """The first step of a workflow, before anything is read or written.
 
     1. installs the one-line error hook (:func:`custom_components.errors.install`);
-    2. refuses misspelt ``monai.bundle run`` options (:func:`check_cli_overrides`);
+    2. refuses misspelt ``monai.bundle run`` options and reads ``--resume false`` as a boolean
+       (:func:`check_cli_overrides`);
     3. takes the run lock of ``lock_dir`` (the folder this workflow writes: checkpoints for
        training, results for evaluation), so a second run on it stops at once naming the holder;
     4. removes temporaries that killed writes left in ``lock_dir`` (safe: the lock is ours).
     """
     errors.install()
-    check_cli_overrides()
+    check_cli_overrides(parser=find_parser())
     if lock_dir is None or acquire_run_lock(lock_dir) is None:
         return
     for path in remove_stale_temporaries(lock_dir):

@@ -24,7 +24,14 @@ from typing import Any
 
 from monai.bundle import ConfigParser
 
-__all__ = ["DEFAULT_IGNORE", "describe_differences", "fingerprint_differences", "flatten_config", "run_fingerprint"]
+__all__ = [
+    "DEFAULT_IGNORE",
+    "find_parser",
+    "describe_differences",
+    "fingerprint_differences",
+    "flatten_config",
+    "run_fingerprint",
+]
 
 # Ids that do not change the experiment: where things live, the hardware, the run's mechanics.
 DEFAULT_IGNORE = (
@@ -37,7 +44,8 @@ DEFAULT_IGNORE = (
 ID_SEP = "#"
 
 
-def _find_parser() -> ConfigParser | None:
+def find_parser() -> ConfigParser | None:
+    """The ConfigParser resolving the config item that is running this code (None outside one)."""
     frame = inspect.currentframe()
     try:
         while frame is not None:
@@ -86,7 +94,7 @@ def run_fingerprint(
         config: a raw config mapping instead of the parser's merged config.
     """
     if config is None:
-        parser = _find_parser()
+        parser = find_parser()
         if parser is None:
             raise RuntimeError("run_fingerprint() must be resolved from a bundle config (no ConfigParser on the stack)")
         config = parser.get()

@@ -99,10 +99,33 @@ def check_override_ids(config_files: Sequence[str | os.PathLike], ids: Iterable[
         raise UnknownOptionError(f"--{override}", f"unknown option (not a key of {names}); {hint}")
 
 
-def check_cli_overrides(argv: Sequence[str] | None = None) -> None:
-    """Check the overrides of this process's ``monai.bundle run`` command line (no-op elsewhere)."""
+def boolean_overrides(config_files: Sequence[str | os.PathLike], overrides: dict[str, Any]) -> dict[str, bool]:
+    """The overrides given as ``true``/``false`` in any letter case for ids whose config value is a bool.
+
+    fire reads only ``True``/``False`` as booleans: ``--resume false`` arrives as the string
+    ``'false'``, which is truthy, so the run would silently resume.
+    """
+    parser = ConfigParser()
+    parser.read_config([str(f) for f in config_files])
+    out = {}
+    for key, value in overrides.items():
+        text = value.strip().lower() if isinstance(value, str) else None
+        if text in ("true", "false") and key in parser and isinstance(parser[key], bool):
+            out[key] = text == "true"
+    return out
+
+
+def check_cli_overrides(argv: Sequence[str] | None = None, parser: ConfigParser | None = None) -> None:
+    """Check the overrides of this process's ``monai.bundle run`` command line (no-op elsewhere).
+
+    With ``parser`` (the one running the workflow), ``true``/``false`` strings given for boolean
+    options are turned into booleans there (:func:`boolean_overrides`).
+    """
     parsed = bundle_run_arguments(argv)
     if parsed is None:
         return
     files, overrides = parsed
     check_override_ids(files, overrides)
+    if parser is not None:
+        for key, value in boolean_overrides(files, overrides).items():
+            parser[key] = value
