@@ -61,6 +61,7 @@ __all__ = [
     "AveragePrecision",
     "CohenKappa",
     "record_metric_notes",
+    "record_sample_count",
     "evaluated_split",
 ]
 
@@ -287,6 +288,15 @@ def evaluated_split(engine: Any, n_samples: int) -> str:
     return f"the {split!r} split ({n_samples} samples)" if isinstance(split, str) else f"{n_samples} samples"
 
 
+def record_sample_count(engine: Any, name: str, count: int) -> None:
+    """Store ``count`` as ``engine.state.metric_sample_counts[name]`` (read by the report writers)."""
+    counts = getattr(engine.state, "metric_sample_counts", None)
+    if not isinstance(counts, dict):
+        counts = {}
+        engine.state.metric_sample_counts = counts
+    counts[name] = count
+
+
 def record_metric_notes(engine: Any, name: str, notes: Sequence[str], warned: set[str]) -> None:
     """Store ``notes`` as ``engine.state.metric_notes[name]`` and log each note not in ``warned`` once.
 
@@ -387,11 +397,7 @@ class EpochScoreMetric(Metric):
 
     def completed(self, engine: Any, name: str) -> None:
         super().completed(engine, name)
-        counts = getattr(engine.state, "metric_sample_counts", None)
-        if not isinstance(counts, dict):
-            counts = {}
-            engine.state.metric_sample_counts = counts
-        counts[name] = self.num_samples
+        record_sample_count(engine, name, self.num_samples)
         notes = []
         if self.undefined is not None:
             notes.append(f"{name} ({type(self).__name__}) is undefined (NaN, n/a in the report) on "

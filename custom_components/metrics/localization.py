@@ -47,7 +47,14 @@ from ignite.metrics import Metric
 from ignite.metrics.metric import reinit__is_reduced
 
 from custom_components.data.nihcxr14 import FINDINGS
-from custom_components.metrics.classification import _stack, auroc, evaluated_split, gather_rows, record_metric_notes
+from custom_components.metrics.classification import (
+    _stack,
+    auroc,
+    evaluated_split,
+    gather_rows,
+    record_metric_notes,
+    record_sample_count,
+)
 
 __all__ = [
     "CAM_W",
@@ -385,11 +392,7 @@ class MultiLabelAUROC(Metric):
         super().completed(engine, name)
         extra = {f: v for f, v in self.result["per_class"].items()} if self.summary_keys else None
         _store_details(engine, name, {**self.result, "nan_as_zero": self.nan_as_zero}, extra)
-        counts = getattr(engine.state, "metric_sample_counts", None)
-        if not isinstance(counts, dict):
-            counts = {}
-            engine.state.metric_sample_counts = counts
-        counts[name] = self.num_samples
+        record_sample_count(engine, name, self.num_samples)
         notes = []
         if self.result["undefined"]:
             how = "counted as 0 in the mean (nan_as_zero)" if self.nan_as_zero else "left out of the mean"

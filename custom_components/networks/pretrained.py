@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +93,29 @@ def map_state_dict(state: Mapping[str, torch.Tensor], model: torch.nn.Module) ->
     return mapped
 
 
+
+def _load_mapped(
+    path: str | Path,
+    module: torch.nn.Module,
+    mapper: Callable[[Mapping[str, Any], torch.nn.Module], dict[str, torch.Tensor]],
+    what: str,
+    most: int,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Load ``path`` (weights only), map its keys onto ``module``; one line naming the file for a bad file or shape."""
+    ckpt = load_checkpoint(path)
+    if not isinstance(ckpt, Mapping):
+        raise InputDataError(path, f"expected a state dict, found {type(ckpt).__name__}")
+    mapped = mapper(ckpt, module)
+    target = module.state_dict()
+    wrong = [
+        f"{k}: file {list(v.shape)} vs network {list(target[k].shape)}"
+        for k, v in mapped.items()
+        if k in target and tuple(v.shape) != tuple(target[k].shape)
+    ]
+    if wrong:
+        raise InputDataError(path, what + "; ".join(wrong[:most]))
+    return mapped, target
+
 def load_pretrained_vit(model: torch.nn.Module, path: str | Path, strict_backbone: bool = True) -> dict[str, list[str]]:
     """Load ``path`` into ``model``; returns the missing/unexpected keys.
 
@@ -99,18 +123,7 @@ def load_pretrained_vit(model: torch.nn.Module, path: str | Path, strict_backbon
     randomly initialised) and no checkpoint key may be left unused; otherwise an
     :class:`~custom_components.io.InputDataError` names the file and the keys.
     """
-    ckpt = load_checkpoint(path)
-    if not isinstance(ckpt, Mapping):
-        raise InputDataError(path, f"expected a state dict, found {type(ckpt).__name__}")
-    mapped = map_state_dict(ckpt, model)
-    target = model.state_dict()
-    wrong = [
-        f"{k}: {list(v.shape)} vs {list(target[k].shape)}"
-        for k, v in mapped.items()
-        if k in target and v.shape != target[k].shape
-    ]
-    if wrong:
-        raise InputDataError(path, "shape mismatch for " + "; ".join(wrong[:5]))
+    mapped, _ = _load_mapped(path, model, map_state_dict, "shape mismatch for ", 5)
     result = model.load_state_dict(mapped, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith("head")]
     if strict_backbone and (missing or result.unexpected_keys):
@@ -175,18 +188,7 @@ def load_pretrained_resnet(backbone: torch.nn.Module, path: str | Path) -> dict[
     ``resnet50-19c8e357.pth``) and the ``layer1.0.downsample`` shortcut that a basic-block backbone
     only has when its layer1 is strided (output stride 32 without pooling).
     """
-    ckpt = load_checkpoint(path)
-    if not isinstance(ckpt, Mapping):
-        raise InputDataError(path, f"expected a state dict, found {type(ckpt).__name__}")
-    mapped = map_resnet_state_dict(ckpt, backbone)
-    target = backbone.state_dict()
-    wrong = [
-        f"{k}: file {list(v.shape)} vs network {list(target[k].shape)}"
-        for k, v in mapped.items()
-        if k in target and tuple(v.shape) != tuple(target[k].shape)
-    ]
-    if wrong:
-        raise InputDataError(path, f"not this ResNet: shape mismatch for {'; '.join(wrong[:3])}")
+    mapped, target = _load_mapped(path, backbone, map_resnet_state_dict, "not this ResNet: shape mismatch for ", 3)
     unexpected = [k for k in mapped if k not in target]
     extra_shortcut = isinstance(backbone.layer1[0], ResNetBlock)
     missing = [
