@@ -328,11 +328,7 @@ class LocalizationAccuracy(Metric):
                      **{f"tior_{k}": v for k, v in r["tior"].items()}}
             extra.pop(self.score, None)
         _store_details(engine, name, r, extra)
-        counts = getattr(engine.state, "metric_sample_counts", None)
-        if not isinstance(counts, dict):
-            counts = {}
-            engine.state.metric_sample_counts = counts
-        counts[name] = r["n_cases"]
+        record_sample_count(engine, name, r["n_cases"])
         notes = []
         if r["n_cases"] == 0:
             notes.append(f"{name} (localisation) is undefined (NaN) on {evaluated_split(engine, 0)}: no image has a box")

@@ -37,6 +37,7 @@ from custom_components.metrics.classification import (
     evaluated_split,
     gather_rows,
     record_metric_notes,
+    record_sample_count,
 )
 
 __all__ = ["MedMNISTMetric", "MedMNISTACC", "MedMNISTAUC", "logits_to_scores"]
@@ -128,11 +129,7 @@ class MedMNISTMetric(Metric):
 
     def completed(self, engine: Any, name: str) -> None:
         super().completed(engine, name)
-        counts = getattr(engine.state, "metric_sample_counts", None)
-        if not isinstance(counts, dict):
-            counts = {}
-            engine.state.metric_sample_counts = counts
-        counts[name] = self.num_samples
+        record_sample_count(engine, name, self.num_samples)
         record_metric_notes(engine, name, self._notes(engine, name), self._warned)
 
     def _notes(self, engine: Any, name: str) -> list[str]:
