@@ -347,3 +347,15 @@ def test_export_checks_the_checkpoint_and_options_before_monai_exports(tmp_path,
     scripted = torch.jit.load(out)
     x = torch.rand(2, 3, 32, 32)
     assert torch.allclose(scripted(x), net.eval()(x), atol=1e-5)
+
+
+def test_a_training_without_any_batch_is_refused(tmp_path):
+    from monai.engines import SupervisedTrainer
+
+    net = torch.nn.Linear(2, 1)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(3, 2)), batch_size=4, drop_last=True)
+    handler = TrainingCheckpoint(str(tmp_path), {"network": net})
+    with pytest.raises(InputDataError, match=r"yields no batch \(3 samples, batch size 4\)"):
+        SupervisedTrainer(device="cpu", max_epochs=1, train_data_loader=loader, network=net,
+                          optimizer=torch.optim.SGD(net.parameters(), 0.1), loss_function=torch.nn.MSELoss(),
+                          train_handlers=[handler])  # fmt: skip

@@ -71,6 +71,18 @@ class TrainingCheckpoint:
         self.summary_writer = summary_writer
 
     def attach(self, engine: Engine) -> None:
+        # MONAI's workflows skip run() with only a warning when the loader yields no batch (e.g. each
+        # process's share below the batch size with drop_last): the run would "finish" having trained nothing
+        if getattr(engine.state, "epoch_length", None) == 0:
+            loader = getattr(engine, "data_loader", None)
+            dataset = getattr(loader, "dataset", None)
+            size = f"{len(dataset)} samples" if hasattr(dataset, "__len__") else "no sample"
+            per_process = " in this process" if idist.get_world_size() > 1 else ""
+            batch = getattr(loader, "batch_size", None)
+            raise InputDataError(
+                "training data", f"the training loader yields no batch ({size}{per_process}, batch size {batch}); "
+                "lower --batch_size or give more training data",
+            )
         if self.resume:
             engine.add_event_handler(Events.STARTED, self.load)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.save)
