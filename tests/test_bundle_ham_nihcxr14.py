@@ -125,7 +125,7 @@ def test_ckpt_export_torchscript_matches_eager(trained, tmp_path):
     from custom_components.networks.ham import HAMNet
 
     demo = json.loads((BUNDLE / "configs" / "demo.json").read_text())
-    eager = HAMNet(arch=demo["network_def#arch"], fusion_channels=demo["network_def#fusion_channels"])
+    eager = HAMNet(arch=demo["arch"], fusion_channels=demo["fusion_channels"])
     eager.load_state_dict(torch.load(trained / "models" / "model.pt", weights_only=True))
     scripted = torch.jit.load(str(ts))
     x = torch.rand(3, 3, 32, 32) * 2 - 1

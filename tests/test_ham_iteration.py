@@ -103,3 +103,22 @@ def test_eval_iteration_gives_logits_and_refined_maps():
     with torch.no_grad():
         torch.testing.assert_close(out["pred"], net(b["image"]))
     assert out["box_mask"].shape == (4, C, 32, 32) and out["map"].min() >= 0 and out["map"].max() <= 1
+
+
+def test_cam_baseline_runs_through_the_same_iterations():
+    from custom_components.networks.cam_resnet import CAMResNet
+
+    torch.manual_seed(0)
+    net, b = CAMResNet(arch="resnet18", num_classes=C), batch()
+    t = trainer(net, [b], HAMIteration(HAMLoss(weight_ex_cls=0, weight_bound=0, weight_union=0), use_boxes=False), lr=0.1)
+    t.run()
+    assert t.state.output["pred"].shape == (4, 1 + C) and float(t.state.output["loss_ex_cls"]) == 0.0
+    net.eval()
+    with torch.no_grad():
+        out = net.forward_with_maps(b["image"])
+        torch.testing.assert_close(out.logits, net(b["image"]))
+        # CAM: the pooled map of a class equals its logit minus the bias where no ReLU clips
+        e4 = net.backbone(b["image"])
+        raw = torch.einsum("bkhw,ck->bchw", e4, net.fc.weight)
+        torch.testing.assert_close(raw.mean((2, 3)) + net.fc.bias, out.logits, rtol=1e-4, atol=1e-5)
+    assert out.refined.shape == (4, 1 + C, 32, 32)

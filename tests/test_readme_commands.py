@@ -148,7 +148,7 @@ CASES = {
     "ham_nihcxr14": Case(
         ("configs/train.json", "configs/demo.json"), ("configs/train.json",), "bundles/ham_nihcxr14",
         _nihcxr14, (2, 3, 32, 32),
-        {"--image_size": 32, "--network_def#arch": "resnet18", "--network_def#fusion_channels": 32, "--batch_size": 8},
+        {"--image_size": 32, "--arch": "resnet18", "--fusion_channels": 32, "--batch_size": 8},
     ),
     "lgmvit_brats20": Case(
         ("configs/train.json", "configs/demo.json"), ("configs/train.json",), "demo/lgmvit_brats20/bundle",
