@@ -122,3 +122,14 @@ def test_cam_baseline_runs_through_the_same_iterations():
         raw = torch.einsum("bkhw,ck->bchw", e4, net.fc.weight)
         torch.testing.assert_close(raw.mean((2, 3)) + net.fc.bias, out.logits, rtol=1e-4, atol=1e-5)
     assert out.refined.shape == (4, 1 + C, 32, 32)
+
+
+def test_amp_step_on_cpu_autocast():
+    # CPU autocast (bfloat16): the losses compute in float32 and every term stays finite
+    net, b = tiny_ham(), batch()
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    t = SupervisedTrainer(device=torch.device("cpu"), max_epochs=1, train_data_loader=[b], network=net, optimizer=opt,
+                          loss_function=HAMLoss(), iteration_update=HAMIteration(), decollate=False, amp=True)
+    t.run()
+    out = t.state.output
+    assert all(out[k].dtype == torch.float32 and torch.isfinite(out[k]) for k in ("loss", *HAM_LOSS_TERMS))
