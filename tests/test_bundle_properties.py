@@ -25,6 +25,9 @@ def _twin(bundle: str, root: Path) -> tuple[Path, dict]:
         make = synthetic.write_brats20_twin if bundle == "lgmvit_brats20" else synthetic.write_lits17_twin
         data = make(root, n_per_split=(2, 1, 1), shape=(32, 32, 8), seed=1)
         return data, {"image_size": 32, "network_def#patch_size": 8, "blur_kernel_size": 7, "batch_size": 16}
+    if bundle == "ham_nihcxr14":
+        data = synthetic.write_nihcxr14_twin(root, n_images=32, size=48, seed=1)
+        return data, {"image_size": 32}
     if bundle == "medvit_medmnist2d":
         synthetic.write_medmnist2d_twin(root / "breastmnist.npz", name="breastmnist", n=(8, 4, 4), size=28, seed=3)
         return root, {}

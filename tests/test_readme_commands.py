@@ -117,6 +117,12 @@ def _mura(d: Path) -> dict[str, str]:
     return {"--dataset_dir": str(twin), "--boxes_json": str(twin / "mura_boxes.json"), "--pretrained_path": _standin_sup(d)}
 
 
+def _nihcxr14(d: Path) -> dict[str, str]:
+    from custom_components.data.synthetic import write_nihcxr14_twin
+
+    return {"--dataset_dir": str(write_nihcxr14_twin(d, n_images=32, size=48, seed=1))}
+
+
 @dataclass(frozen=True)
 class Case:
     train_configs: tuple[str, ...]  # the training the README's first export command follows
@@ -138,6 +144,12 @@ ATTENTION = ("configs/train.json", "configs/init/random.json", "configs/demo.jso
 # MedMNIST batches of 4: the training loaders drop the last partial batch, and each of torchrun's 2 processes
 # gets 4 of the twin's 8 training images (a larger batch leaves the loader empty: MONAI then skips the run)
 CASES = {
+    # demo.json's ResNet-18 and fusion width, so that train.json alone builds the same small network
+    "ham_nihcxr14": Case(
+        ("configs/train.json", "configs/demo.json"), ("configs/train.json",), "bundles/ham_nihcxr14",
+        _nihcxr14, (2, 3, 32, 32),
+        {"--image_size": 32, "--arch": "resnet18", "--fusion_channels": 32, "--batch_size": 8},
+    ),
     "lgmvit_brats20": Case(
         ("configs/train.json", "configs/demo.json"), ("configs/train.json",), "demo/lgmvit_brats20/bundle",
         _brats20, (2, 3, 32, 32), LGMVIT_TINY, "scripts/demo_lgmvit_brats20.sh",

@@ -1,3 +1,4 @@
 from .guided import ExplainIteration, GuidedIteration
+from .ham import HAMEvalIteration, HAMIteration
 
-__all__ = ["GuidedIteration", "ExplainIteration"]
+__all__ = ["GuidedIteration", "ExplainIteration", "HAMIteration", "HAMEvalIteration"]

@@ -15,7 +15,7 @@ from ignite.engine import Engine, Events
 
 from custom_components.io import atomic_write_text
 
-__all__ = ["PredictionCSVWriter"]
+__all__ = ["PredictionCSVWriter", "MultiLabelCSVWriter"]
 
 
 class PredictionCSVWriter:
@@ -66,5 +66,51 @@ class PredictionCSVWriter:
             probs = row[1:]
             pred = int(probs[0] > 0.5) if n_prob == 1 else max(range(n_prob), key=probs.__getitem__)
             w.writerow([key, int(row[0]), pred, *[f"{p:.6f}" for p in probs]])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(buf.getvalue(), path)
+
+
+class MultiLabelCSVWriter:
+    """Per-image sigmoid probabilities of a multi-label classifier as one CSV, written when the run ends.
+
+    Rows: ``<id_key>, <column 0>, <column 1>, ...`` with one column per logit of ``pred`` (e.g.
+    HAM: ``abnormal`` then the 14 findings), probabilities = sigmoid(logit) with 6 decimals, written
+    atomically. Needs ``decollate=False``; on several ranks each writes ``path`` with a
+    ``.rank<N>`` suffix before the extension.
+    """
+
+    def __init__(self, path: str | os.PathLike, columns: Sequence[str], id_key: str = "case") -> None:
+        self.path = Path(path)
+        self.columns = [str(c) for c in columns]
+        self.id_key = id_key
+        self._ids: list[str] = []
+        self._rows: list[torch.Tensor] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.COMPLETED, self._write)
+
+    def _reset(self, engine: Engine) -> None:
+        self._ids, self._rows = [], []
+
+    def _collect(self, engine: Engine) -> None:
+        ids: Sequence[Any] = engine.state.batch[self.id_key]
+        logits = engine.state.output["pred"].detach().float().cpu().reshape(len(ids), -1)
+        if logits.shape[1] != len(self.columns):
+            raise ValueError(f"{logits.shape[1]} logits per image for {len(self.columns)} columns {self.columns}")
+        self._ids.extend(str(i) for i in ids)
+        self._rows.append(torch.sigmoid(logits))
+
+    def _write(self, engine: Engine) -> None:
+        rows = torch.cat(self._rows) if self._rows else torch.zeros(0, len(self.columns))
+        path = self.path
+        if idist.get_world_size() > 1:
+            path = path.with_name(f"{path.stem}.rank{idist.get_rank()}{path.suffix}")
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow([self.id_key, *self.columns])
+        for key, row in zip(self._ids, rows.tolist(), strict=True):
+            w.writerow([key, *[f"{p:.6f}" for p in row]])
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(buf.getvalue(), path)
