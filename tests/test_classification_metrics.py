@@ -285,6 +285,23 @@ def test_report_writer_with_monai_names(tmp_path):
     assert "| F1 | 50.00 |" in (tmp_path / "metrics.md").read_text()
 
 
+def test_report_counts_follow_the_reported_metrics(tmp_path):
+    """Metrics counting different units: n_samples is the first reported metric's, each count is listed."""
+    engine = Engine(lambda e, b: None)
+
+    def metrics(e):
+        e.state.metrics.update({"auroc": 0.8, "mtiou": 0.3})
+        e.state.metric_sample_counts = {"mtiou": 9, "auroc": 7}
+
+    engine.add_event_handler(Events.EPOCH_COMPLETED, metrics)
+    MetricsReportWriter(tmp_path, metric_names=("auroc", "mtiou")).attach(engine)
+    engine.run([0], max_epochs=1)
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    assert report["n_samples"] == 7 and report["sample_counts"] == {"auroc": 7, "mtiou": 9}
+    md = (tmp_path / "metrics.md").read_text()
+    assert "7 samples" in md and "Counts: auroc 7, mtiou 9." in md
+
+
 def test_one_class_split_is_noted_once_and_reported(tmp_path, caplog):
     """AUROC / AP of a split with negatives only stay NaN (n/a), with one warning each and a report note."""
     import logging

@@ -150,14 +150,25 @@ class MetricsReportWriter:
         if not engine.has_event_handler(self, Events.COMPLETED):
             engine.add_event_handler(Events.COMPLETED, self)
 
-    @staticmethod
-    def _num_samples(engine: Engine, state_metrics: Mapping[str, Any]) -> int | None:
+    def _num_samples(self, engine: Engine, state_metrics: Mapping[str, Any]) -> int | None:
+        """The count behind the first reported metric that has one (metrics may count different units:
+        images for an AUROC, (image, finding) cases for a localisation accuracy)."""
         counts = getattr(engine.state, "metric_sample_counts", None)
         if isinstance(counts, Mapping) and counts:
+            for key in self.metric_names:
+                if key in counts:
+                    return int(counts[key])
             return int(max(counts.values()))
         if "n" in state_metrics:
             return int(_json_value(state_metrics["n"]))
         return None
+
+    def _sample_counts(self, engine: Engine) -> dict[str, int]:
+        """Reported metric label -> its count, for metrics that record one."""
+        counts = getattr(engine.state, "metric_sample_counts", None)
+        if not isinstance(counts, Mapping):
+            return {}
+        return {label: int(counts[key]) for key, label in self.metric_names.items() if key in counts}
 
     def _notes(self, engine: Engine) -> list[str]:
         """Notes of the reported metrics, in report order, each once."""
@@ -197,6 +208,10 @@ class MetricsReportWriter:
             return
         state_metrics = dict(engine.state.metrics)
         report, md = self.build_report(state_metrics, self._num_samples(engine, state_metrics), self._notes(engine))
+        counts = self._sample_counts(engine)
+        if len(set(counts.values())) > 1:  # different units: say which count belongs to which metric
+            report["sample_counts"] = counts
+            md += "\nCounts: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + ".\n"
         atomic_save_json(report, self.json_path)
         atomic_write_text(md, self.markdown_path)
         logger.info("metrics report written to %s and %s", self.json_path, self.markdown_path)
