@@ -17,7 +17,7 @@ from monai.engines.utils import IterationEvents
 from custom_components.explain.base import Explainer, resize_maps
 from custom_components.guidance.base import GuidanceLoss, positive_selection
 
-__all__ = ["GuidedIteration", "ExplainIteration", "to_device", "optimise"]
+__all__ = ["GuidedIteration", "ExplainIteration", "explained_output", "to_device", "optimise"]
 
 
 def to_device(batch: dict, keys: tuple[str, ...], device: torch.device, non_blocking: bool = False) -> list:
@@ -42,6 +42,30 @@ def optimise(engine: SupervisedTrainer, loss: torch.Tensor) -> None:
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         engine.optimizer.step()
     engine.fire_event(IterationEvents.MODEL_COMPLETED)
+
+
+def explained_output(
+    engine: Any,
+    batchdata: dict,
+    images: torch.Tensor,
+    logits: torch.Tensor,
+    maps: torch.Tensor,
+    tensor_keys: tuple[str, ...],
+    meta_keys: tuple[str, ...],
+) -> dict[str, Any]:
+    """The output of an explaining evaluator step: images, logits (``pred``) and maps, the batch's
+    ``tensor_keys`` (labels, masks) on the images' device and its ``meta_keys`` as they are; fires
+    the iteration events a MONAI evaluator step fires."""
+    out = {"image": images, "pred": logits.detach().float(), "map": maps.detach().float()}
+    for key in tensor_keys:
+        if key in batchdata:
+            out[key] = batchdata[key].to(images.device)
+    for key in meta_keys:
+        if key in batchdata:
+            out[key] = batchdata[key]
+    engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+    engine.fire_event(IterationEvents.MODEL_COMPLETED)
+    return out
 
 
 class GuidedIteration:
@@ -158,13 +182,4 @@ class ExplainIteration:
             maps = self.explainer.explain(logits, record, out_size=images.shape[-2:])
         # Methods whose maps live on the token grid (RES) are shown and scored at the image size.
         maps = resize_maps(maps.detach().float(), images.shape[-2:])
-        out = {"image": images, "pred": logits.detach().float(), "map": maps.detach().float()}
-        for key in (self.label_key, self.mask_key):
-            if key in batchdata:
-                out[key] = batchdata[key].to(images.device)
-        for k in self.meta_keys:
-            if k in batchdata:
-                out[k] = batchdata[k]
-        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
-        return out
+        return explained_output(engine, batchdata, images, logits, maps, (self.label_key, self.mask_key), self.meta_keys)

@@ -20,9 +20,8 @@ import math
 from typing import Any
 
 import torch
-from monai.engines.utils import IterationEvents
 
-from custom_components.engines.guided import optimise, to_device
+from custom_components.engines.guided import explained_output, optimise, to_device
 from custom_components.guidance.ham import HAM_LOSS_TERMS, HAMLoss
 
 __all__ = ["HAMIteration", "HAMEvalIteration"]
@@ -128,13 +127,5 @@ class HAMEvalIteration:
         engine.network.eval()
         with torch.no_grad(), torch.autocast(device_type=images.device.type, enabled=bool(engine.amp)):
             logits, _, refined = model.forward_with_maps(images)
-        out = {"image": images, "pred": logits.float(), "map": refined[:, 1:].float()}
-        for key in (self.label_key, self.mask_key):
-            if key in batchdata:
-                out[key] = batchdata[key].to(images.device)
-        for key in self.meta_keys:
-            if key in batchdata:
-                out[key] = batchdata[key]
-        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
-        return out
+        keys = (self.label_key, self.mask_key)
+        return explained_output(engine, batchdata, images, logits, refined[:, 1:], keys, self.meta_keys)
