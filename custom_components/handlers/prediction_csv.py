@@ -18,7 +18,50 @@ from custom_components.io import atomic_write_text
 __all__ = ["PredictionCSVWriter", "MultiLabelCSVWriter"]
 
 
-class PredictionCSVWriter:
+class _BatchCSVWriter:
+    """Collect one row tensor per image over an evaluator run; write one CSV atomically when it ends.
+
+    Subclasses give the rows of a batch (:meth:`rows`) and the CSV lines (:meth:`lines`). On several
+    ranks each writes ``path`` with a ``.rank<N>`` suffix before the extension.
+    """
+
+    def __init__(self, path: str | os.PathLike, id_key: str) -> None:
+        self.path = Path(path)
+        self.id_key = id_key
+        self._ids: list[str] = []
+        self._rows: list[torch.Tensor] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.COMPLETED, self._write)
+
+    def _reset(self, engine: Engine) -> None:
+        self._ids, self._rows = [], []
+
+    def rows(self, engine: Engine, n: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def lines(self, ids: Sequence[str], rows: torch.Tensor) -> list[list[Any]]:
+        raise NotImplementedError
+
+    def _collect(self, engine: Engine) -> None:
+        ids: Sequence[Any] = engine.state.batch[self.id_key]
+        self._rows.append(self.rows(engine, len(ids)))
+        self._ids.extend(str(i) for i in ids)
+
+    def _write(self, engine: Engine) -> None:
+        rows = torch.cat(self._rows) if self._rows else torch.zeros(0, 0)
+        path = self.path
+        if idist.get_world_size() > 1:
+            path = path.with_name(f"{path.stem}.rank{idist.get_rank()}{path.suffix}")
+        buf = io.StringIO()
+        csv.writer(buf).writerows(self.lines(self._ids, rows))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(buf.getvalue(), path)
+
+
+class PredictionCSVWriter(_BatchCSVWriter):
     """Collect ``id_key`` and the class probabilities of every batch; write ``path`` when the run ends.
 
     Rows: ``<id_key>, label, pred, prob_0 .. prob_{C-1}`` (softmax of C >= 2 logits, or ``prob_1`` =
@@ -28,49 +71,28 @@ class PredictionCSVWriter:
     """
 
     def __init__(self, path: str | os.PathLike, id_key: str = "image_path", label_key: str = "label") -> None:
-        self.path = Path(path)
-        self.id_key = id_key
+        super().__init__(path, id_key)
         self.label_key = label_key
-        self._ids: list[str] = []
-        self._rows: list[torch.Tensor] = []
 
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-        engine.add_event_handler(Events.COMPLETED, self._write)
-
-    def _reset(self, engine: Engine) -> None:
-        self._ids, self._rows = [], []
-
-    def _collect(self, engine: Engine) -> None:
-        ids: Sequence[Any] = engine.state.batch[self.id_key]
+    def rows(self, engine: Engine, n: int) -> torch.Tensor:
         logits = engine.state.output["pred"].detach().float().cpu()
         logits = logits.reshape(logits.shape[0], -1)
         probs = torch.softmax(logits, 1) if logits.shape[1] > 1 else torch.sigmoid(logits)
-        labels = torch.as_tensor(engine.state.batch[self.label_key]).reshape(len(ids), -1)[:, :1].float().cpu()
-        self._ids.extend(str(i) for i in ids)
-        self._rows.append(torch.cat([labels, probs], 1))
+        labels = torch.as_tensor(engine.state.batch[self.label_key]).reshape(n, -1)[:, :1].float().cpu()
+        return torch.cat([labels, probs], 1)
 
-    def _write(self, engine: Engine) -> None:
-        rows = torch.cat(self._rows) if self._rows else torch.zeros(0, 2)
-        ids = self._ids
-        path = self.path
-        if idist.get_world_size() > 1:
-            path = path.with_name(f"{path.stem}.rank{idist.get_rank()}{path.suffix}")
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        n_prob = rows.shape[1] - 1
+    def lines(self, ids: Sequence[str], rows: torch.Tensor) -> list[list[Any]]:
+        n_prob = max(rows.shape[1] - 1, 1)
         names = ["prob_1"] if n_prob == 1 else [f"prob_{c}" for c in range(n_prob)]
-        w.writerow([self.id_key, "label", "pred", *names])
+        out: list[list[Any]] = [[self.id_key, "label", "pred", *names]]
         for key, row in zip(ids, rows.tolist(), strict=True):
             probs = row[1:]
             pred = int(probs[0] > 0.5) if n_prob == 1 else max(range(n_prob), key=probs.__getitem__)
-            w.writerow([key, int(row[0]), pred, *[f"{p:.6f}" for p in probs]])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(buf.getvalue(), path)
+            out.append([key, int(row[0]), pred, *[f"{p:.6f}" for p in probs]])
+        return out
 
 
-class MultiLabelCSVWriter:
+class MultiLabelCSVWriter(_BatchCSVWriter):
     """Per-image sigmoid probabilities of a multi-label classifier as one CSV, written when the run ends.
 
     Rows: ``<id_key>, <column 0>, <column 1>, ...`` with one column per logit of ``pred`` (e.g.
@@ -80,37 +102,15 @@ class MultiLabelCSVWriter:
     """
 
     def __init__(self, path: str | os.PathLike, columns: Sequence[str], id_key: str = "case") -> None:
-        self.path = Path(path)
+        super().__init__(path, id_key)
         self.columns = [str(c) for c in columns]
-        self.id_key = id_key
-        self._ids: list[str] = []
-        self._rows: list[torch.Tensor] = []
 
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.EPOCH_STARTED, self._reset)
-        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
-        engine.add_event_handler(Events.COMPLETED, self._write)
-
-    def _reset(self, engine: Engine) -> None:
-        self._ids, self._rows = [], []
-
-    def _collect(self, engine: Engine) -> None:
-        ids: Sequence[Any] = engine.state.batch[self.id_key]
-        logits = engine.state.output["pred"].detach().float().cpu().reshape(len(ids), -1)
+    def rows(self, engine: Engine, n: int) -> torch.Tensor:
+        logits = engine.state.output["pred"].detach().float().cpu().reshape(n, -1)
         if logits.shape[1] != len(self.columns):
             raise ValueError(f"{logits.shape[1]} logits per image for {len(self.columns)} columns {self.columns}")
-        self._ids.extend(str(i) for i in ids)
-        self._rows.append(torch.sigmoid(logits))
+        return torch.sigmoid(logits)
 
-    def _write(self, engine: Engine) -> None:
-        rows = torch.cat(self._rows) if self._rows else torch.zeros(0, len(self.columns))
-        path = self.path
-        if idist.get_world_size() > 1:
-            path = path.with_name(f"{path.stem}.rank{idist.get_rank()}{path.suffix}")
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow([self.id_key, *self.columns])
-        for key, row in zip(self._ids, rows.tolist(), strict=True):
-            w.writerow([key, *[f"{p:.6f}" for p in row]])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(buf.getvalue(), path)
+    def lines(self, ids: Sequence[str], rows: torch.Tensor) -> list[list[Any]]:
+        body = [[key, *[f"{p:.6f}" for p in row]] for key, row in zip(ids, rows.tolist(), strict=True)]
+        return [[self.id_key, *self.columns], *body]
