@@ -60,6 +60,36 @@ def kill_once_checkpointed(cmd: list[str], cwd: Path, last: Path, epochs: int, t
     return killed
 
 
+def torchrun_trains_one_epoch(command: list[str], cwd: Path, models: Path, log_dir: Path, port: int) -> None:
+    """Run a 1-epoch ``python -m monai.bundle run training ...`` ``command`` under torchrun with 2 CPU
+    processes: the best and the resumable checkpoint exist, and TensorBoard is written by rank 0 only."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(port), "-m"]
+    run(launch + command[2:], cwd=cwd)
+    from custom_components.io import load_checkpoint
+
+    assert (models / "model.pt").is_file()
+    assert load_checkpoint(models / "last.pt")["trainer"]["epoch"] == 1
+    assert len(list(log_dir.glob("events.out.tfevents.*"))) == 1
+
+
+def resumes_after_kill(command: list[str], cwd: Path, last: Path, epochs: int) -> tuple[dict, dict]:
+    """Kill the training ``command`` once ``last`` exists, rerun it; returns (killed, final) checkpoints.
+
+    The rerun must say it resumed at the killed epoch and end with every epoch run exactly once.
+    """
+    from custom_components.io import load_checkpoint
+
+    killed = kill_once_checkpointed(command, cwd, last, epochs)
+    resumed = run(command, cwd=cwd)
+    log = resumed.stdout + resumed.stderr
+    assert "resumed from" in log and f"at epoch {killed['trainer']['epoch']}" in log
+    final = load_checkpoint(last)
+    assert final["trainer"]["epoch"] == epochs
+    # no epoch was repeated or skipped: the iteration count is exactly epochs * epoch length
+    assert final["trainer"]["iteration"] == epochs * final["trainer"]["epoch_length"]
+    return killed, final
+
+
 def verify_bundle(bundle: Path, monkeypatch, config_file: str = "configs/train.json") -> None:
     """``monai.bundle verify_metadata`` (when the shared schema is present) and ``verify_net_in_out network_def``.
 

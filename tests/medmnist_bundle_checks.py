@@ -11,9 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from custom_components.data.medmnist import MEDMNIST_INFO
-from custom_components.io import load_checkpoint
 
-from bundle_utils import REPO, kill_once_checkpointed, run
+from bundle_utils import REPO, resumes_after_kill, run
 
 CmdFn = Callable[..., list]
 
@@ -30,16 +29,8 @@ BAD_INPUTS = {
 def killed_training_resumes(bundle: Path, cmd: CmdFn, root: Path, twin: Path, epochs: int = 4) -> None:
     """Kill a training as soon as models/last.pt exists; the rerun resumes there and ends with every epoch run once."""
     command = cmd("training", root, twin, args=["--num_epochs", str(epochs)])
-    last = root / "models" / "last.pt"
-    killed = kill_once_checkpointed(command, bundle, last, epochs)
-    killed_at = killed["trainer"]
-    resumed = run(command, cwd=bundle)
-    log = resumed.stdout + resumed.stderr
-    assert "resumed from" in log and f"at epoch {killed_at['epoch']}" in log
-    final = load_checkpoint(last)
-    assert final["trainer"]["epoch"] == epochs
-    # no epoch repeated or skipped; the scheduler and the best-model record continued
-    assert final["trainer"]["iteration"] == epochs * final["trainer"]["epoch_length"]
+    killed, final = resumes_after_kill(command, bundle, root / "models" / "last.pt", epochs)
+    # the scheduler and the best-model record continued
     assert final["lr_scheduler"]["last_epoch"] == epochs
     assert final["best"]["best_epoch"] >= 1 and final["best"]["best_value"] is not None
     if killed["best"]["best_value"] is not None:

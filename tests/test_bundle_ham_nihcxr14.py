@@ -20,7 +20,14 @@ from custom_components.data.synthetic import write_nihcxr14_twin
 from custom_components.guidance.ham import HAM_LOSS_TERMS
 from custom_components.io import load_checkpoint
 
-from bundle_utils import REPO, SCHEMA, config_arg, kill_once_checkpointed, verify_bundle
+from bundle_utils import (
+    REPO,
+    SCHEMA,
+    config_arg,
+    resumes_after_kill,
+    torchrun_trains_one_epoch,
+    verify_bundle,
+)
 from bundle_utils import run as _run
 
 BUNDLE = REPO / "bundles" / "ham_nihcxr14"
@@ -141,24 +148,14 @@ def test_ckpt_export_torchscript_matches_eager(trained, tmp_path):
 
 
 def test_torchrun_two_cpu_processes(tmp_path, twin):
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", "29531", "-m"]
-    run(launch + cmd("training", tmp_path, twin, "configs/multi_gpu_train.json", args=["--num_epochs", "1"])[2:])
-    assert (tmp_path / "models" / "model.pt").is_file()
-    assert load_checkpoint(tmp_path / "models" / "last.pt")["trainer"]["epoch"] == 1
-    assert len(list((tmp_path / "eval" / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    command = cmd("training", tmp_path, twin, "configs/multi_gpu_train.json", args=["--num_epochs", "1"])
+    torchrun_trains_one_epoch(command, BUNDLE, tmp_path / "models", tmp_path / "eval" / "tensorboard", 29531)
 
 
 def test_killed_training_resumes_from_last_checkpoint(tmp_path, twin):
     epochs = 30
     command = cmd("training", tmp_path, twin, args=["--num_epochs", str(epochs)])
-    last = tmp_path / "models" / "last.pt"
-    killed_at = kill_once_checkpointed(command, BUNDLE, last, epochs)["trainer"]
-    resumed = run(command)
-    log = resumed.stdout + resumed.stderr
-    assert f"at epoch {killed_at['epoch']}" in log and "resumed from" in log
-    final = load_checkpoint(last)["trainer"]
-    assert final["epoch"] == epochs
-    assert final["iteration"] == epochs * final["epoch_length"]
+    resumes_after_kill(command, BUNDLE, tmp_path / "models" / "last.pt", epochs)
 
 
 def test_broken_release_gives_one_clear_error(tmp_path, twin):

@@ -18,7 +18,16 @@ import torch
 from custom_components.data.synthetic import write_brats20_twin
 from custom_components.io import load_checkpoint
 
-from bundle_utils import REPO, SCHEMA, TINY, bundle_cmd, config_arg, kill_once_checkpointed, verify_bundle
+from bundle_utils import (
+    REPO,
+    SCHEMA,
+    TINY,
+    bundle_cmd,
+    config_arg,
+    resumes_after_kill,
+    torchrun_trains_one_epoch,
+    verify_bundle,
+)
 from bundle_utils import run as _run
 
 BUNDLE = REPO / "bundles" / "lgmvit_brats20"
@@ -133,27 +142,14 @@ def test_ckpt_export_torchscript_matches_eager(trained, tmp_path):
 
 
 def test_torchrun_two_cpu_processes(tmp_path, twin):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", "29517", "-m"]
-    cmd += bundle_cmd("training", tmp_path, twin, "configs/multi_gpu_train.json", args=["--num_epochs", "1"])[2:]
-    run(cmd)
-    assert (tmp_path / "models" / "model.pt").is_file()
-    assert load_checkpoint(tmp_path / "models" / "last.pt")["trainer"]["epoch"] == 1
-    # TensorBoard is written by rank 0 only
-    assert len(list((tmp_path / "eval" / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    command = bundle_cmd("training", tmp_path, twin, "configs/multi_gpu_train.json", args=["--num_epochs", "1"])
+    torchrun_trains_one_epoch(command, BUNDLE, tmp_path / "models", tmp_path / "eval" / "tensorboard", 29517)
 
 
 def test_killed_training_resumes_from_last_checkpoint(tmp_path, twin):
     epochs = 40
-    cmd = bundle_cmd("training", tmp_path, twin, args=["--num_epochs", str(epochs)])
-    last = tmp_path / "models" / "last.pt"
-    killed_at = kill_once_checkpointed(cmd, BUNDLE, last, epochs)["trainer"]
-    resumed = run(cmd)
-    log = resumed.stdout + resumed.stderr
-    assert f"at epoch {killed_at['epoch']}" in log and "resumed from" in log
-    final = load_checkpoint(last)["trainer"]
-    assert final["epoch"] == epochs
-    # no epoch was repeated or skipped: the iteration count is exactly epochs * epoch length
-    assert final["iteration"] == epochs * final["epoch_length"]
+    command = bundle_cmd("training", tmp_path, twin, args=["--num_epochs", str(epochs)])
+    resumes_after_kill(command, BUNDLE, tmp_path / "models" / "last.pt", epochs)
 
 
 def test_packed_bundle_downloads_and_runs(tmp_path, twin):

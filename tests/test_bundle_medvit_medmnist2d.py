@@ -21,7 +21,7 @@ import torch
 from custom_components.data.synthetic import write_medmnist2d_twin
 from custom_components.io import load_checkpoint
 
-from bundle_utils import REPO, config_arg, verify_bundle
+from bundle_utils import REPO, config_arg, torchrun_trains_one_epoch, verify_bundle
 from bundle_utils import run as _run
 from conftest import tiny_medvit
 from medmnist_bundle_checks import (
@@ -137,12 +137,8 @@ def test_ckpt_export_torchscript_matches_eager(trained, tmp_path):
 
 
 def test_torchrun_two_cpu_processes(tmp_path, twin):
-    full = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", "29531", "-m"]
-    full += cmd("training", tmp_path, twin, "configs/multi_gpu_train.json", args=["--num_epochs", "1"])[2:]
-    run(full)
-    assert (tmp_path / "models" / "model.pt").is_file()
-    assert load_checkpoint(tmp_path / "models" / "last.pt")["trainer"]["epoch"] == 1
-    assert len(list((tmp_path / "eval" / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    command = cmd("training", tmp_path, twin, "configs/multi_gpu_train.json", args=["--num_epochs", "1"])
+    torchrun_trains_one_epoch(command, BUNDLE, tmp_path / "models", tmp_path / "eval" / "tensorboard", 29531)
 
 
 def test_accuracy_under_fgsm_and_pgd(trained, twin):
