@@ -41,6 +41,7 @@ __all__ = [
     "check_cli_overrides",
     "check_override_ids",
     "describe_differences",
+    "end_process_group",
     "fingerprint_differences",
     "finish_run",
     "flatten_config",
@@ -68,6 +69,19 @@ def start_run(lock_dir: str | os.PathLike | None = None) -> None:
         return
     for path in remove_stale_temporaries(lock_dir):
         logger.info("removed %s, left by an interrupted write", path)
+
+
+def end_process_group() -> None:
+    """Leave torch.distributed cleanly: wait for every rank, then destroy the process group.
+
+    Without the barrier a rank that finishes first can tear down its gloo connections while another
+    rank still uses them, and that rank aborts (SIGABRT) after a successful training.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def finish_run() -> None:
