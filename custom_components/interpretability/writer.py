@@ -4,14 +4,27 @@ Protocol of the ugent-korea study (spec ``explanations.md`` section 8): each met
 **target class** (1 by default, never the prediction) of a fine-tuned ViT on the test split, at
 the network input resolution. One run folder per initialisation holds
 
-* ``explanations/index.json``: dataset, initialisation, target, image size, split, methods and one
-  item per image (``index``, ``image`` (relative path), ``case``, ``label``, ``prob`` (softmax
-  probability of the target class), ``pred``, ``has_mask``), in the order of the arrays;
+* ``explanations/index.json``: dataset, initialisation, target, ``activation``, image size, split,
+  methods and one item per image (``index``, ``image`` (relative path), ``case``, ``label``,
+  ``prob`` (probability of the target class), ``pred``, ``positive`` (the item shows its target
+  class), ``has_mask``), in the order of the arrays;
 * ``explanations/images.npy``: uint8 (N, S, S, 3), the network's input crop for display;
 * ``explanations/masks.npy``: uint8 (N, S, S), 0/1 ground truth (zeros without annotation);
 * ``explanations/maps/<method>.npy``: (N, S, S) maps in [0, 1], float32 by default (the protocols
   are rank based: float16 would create ties at the maximum that the float32 map does not have;
   ``map_dtype="float16"`` halves the disk use, about 200 KB per image and method in float32 at 224²).
+
+**Per-item targets** (multi-label networks, e.g. HAM's (image, finding) cases of
+:class:`~custom_components.data.finding_cases.FindingCaseDataset`): when the dataset's items carry
+a ``target`` (the logit index to explain) the index's ``target`` is ``"per_item"`` and each item
+records its ``target``, ``target_name`` (the finding), ``label`` (0/1: whether the image has that
+finding) and ``prob`` = sigmoid of the target logit with ``activation="sigmoid"`` (``pred``:
+prob > 0.5). One item is then one (image, finding) case: ``image`` repeats across the findings of
+an image, ``case`` does not.
+
+The display images are de-normalised with the dataset's ``normalization`` ((mean, std) per
+channel in [0, 1] image space) when it has one, else ImageNet's (``normalize="imagenet"``, the
+image-folder datasets) or none.
 
 The folder is built beside the target and renamed into place, so a reader never sees half a run;
 an interrupted run leaves the previous one untouched.
@@ -35,16 +48,49 @@ from custom_components.data.image_folders import IMAGENET_MEAN, IMAGENET_STD
 from custom_components.explain.base import Explainer
 from custom_components.io import InputDataError, load_network_weights
 
-__all__ = ["write_explanations", "load_network_weights", "EXPLANATIONS_DIR"]
+__all__ = [
+    "write_explanations",
+    "load_network_weights",
+    "input_normalization",
+    "item_is_positive",
+    "item_targets",
+    "EXPLANATIONS_DIR",
+    "PER_ITEM",
+    "ACTIVATIONS",
+]
 
 EXPLANATIONS_DIR = "explanations"
+#: ``index.json``'s ``target`` when every item names its own
+PER_ITEM = "per_item"
+ACTIVATIONS = ("softmax", "sigmoid")
 
 
-def _display_images(images: torch.Tensor, normalized: bool) -> np.ndarray:
+def input_normalization(dataset: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, std) (3, 1, 1) with which ``dataset`` normalised its [0, 1] images: network input = (x - mean) / std."""
+    stats = getattr(dataset, "normalization", None)
+    if stats is None:
+        stats = (IMAGENET_MEAN, IMAGENET_STD) if getattr(dataset, "normalize", "imagenet") == "imagenet" else (0.0, 1.0)
+    mean, std = (torch.as_tensor(v, dtype=torch.float32).reshape(-1, 1, 1).expand(3, 1, 1) for v in stats)
+    return mean, std
+
+
+def item_targets(index: Mapping[str, Any]) -> list[int]:
+    """The class each item of an ``index.json`` explains: its own ``target``, or the run's fixed one."""
+    if index["target"] == PER_ITEM:
+        return [int(it["target"]) for it in index["items"]]
+    return [int(index["target"])] * len(index["items"])
+
+
+def item_is_positive(index: Mapping[str, Any], item: Mapping[str, Any]) -> bool:
+    """Whether the item shows its target class (indexes written before ``positive`` existed: label == target)."""
+    if "positive" in item:
+        return bool(item["positive"])
+    return index["target"] != PER_ITEM and item.get("label") == index["target"]
+
+
+def _display_images(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> np.ndarray:
     """(B, 3, S, S) network input -> uint8 (B, S, S, 3) for display."""
-    x = images.detach().float().cpu()
-    if normalized:
-        x = x * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    x = images.detach().float().cpu() * std + mean
     return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
@@ -83,6 +129,7 @@ def write_explanations(
     num_panel_images: int = 4,
     progress: bool = True,
     map_dtype: str = "float32",
+    activation: str = "softmax",
 ) -> Path:
     """Compute and store every method's map for every item of ``dataset``.
 
@@ -90,8 +137,12 @@ def write_explanations(
         network: the classifier the explainers were built on (2 logits for the study).
         dataset: items with ``image`` (3, S, S), ``label``, ``mask`` (1, S, S), ``has_mask``,
             ``image_path``, ``case`` (:class:`~custom_components.data.image_folders.ImageFolderDataset`
-            with ``always_mask=True``).
-        explainers: method name -> explainer; each explains class ``target`` of every image.
+            with ``always_mask=True``); optionally ``target`` (logit index) and ``target_name`` per
+            item (then ``target`` below is not used; see the module docstring).
+        explainers: method name -> explainer (``attribute(images, target, out_size)``); each
+            explains class ``target`` of every image (or each item's own).
+        activation: ``"softmax"`` (one class per image) or ``"sigmoid"`` (multi-label logits) for
+            the recorded probabilities and deletion / insertion.
         output_dir: run folder; maps go to ``<output_dir>/explanations``.
         checkpoint: weights to load into ``network`` first (``None``: use it as it is).
         summary_writer: optional TensorBoard writer; gets image / mask / each method's map for the
@@ -102,6 +153,8 @@ def write_explanations(
         raise ValueError("no explanation method configured")
     if map_dtype not in ("float32", "float16"):
         raise ValueError(f"map_dtype must be 'float32' or 'float16', got {map_dtype!r}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
     bad = [m for m in explainers if not m or "/" in m or m.startswith(".")]
     if bad:
         raise ValueError(f"method names must be plain file names, got {bad}")
@@ -114,6 +167,8 @@ def write_explanations(
     network = network.to(device)
     was_training = network.training
     network.eval()
+    mean, std = input_normalization(dataset)
+    per_item = None  # known from the first batch
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{EXPLANATIONS_DIR}.", suffix=".tmp", dir=out))
@@ -138,28 +193,44 @@ def write_explanations(
                 arrays["masks"] = np.lib.format.open_memmap(tmp / "masks.npy", "w+", np.uint8, (n, size, size))
                 for name in explainers:
                     arrays[name] = np.lib.format.open_memmap(tmp / "maps" / f"{name}.npy", "w+", map_dtype, (n, size, size))
-            target_t = torch.full((b,), int(target), dtype=torch.long, device=device)
-            prob = torch.softmax(_predict(network, images, amp), dim=1)
+            if per_item is None:
+                per_item = "target" in batch
+            if per_item != ("target" in batch):
+                raise InputDataError(getattr(dataset, "source", "dataset"), "some items have a 'target' and some do not")
+            if per_item:
+                target_t = torch.as_tensor(batch["target"]).reshape(b).long().to(device)
+            else:
+                target_t = torch.full((b,), int(target), dtype=torch.long, device=device)
+            logits = _predict(network, images, amp)
+            prob = torch.sigmoid(logits) if activation == "sigmoid" else torch.softmax(logits, dim=1)
             for name, explainer in explainers.items():
-                with torch.set_grad_enabled(explainer.needs_gradients), torch.autocast(device.type, enabled=amp):
+                with (torch.set_grad_enabled(getattr(explainer, "needs_gradients", True)),
+                      torch.autocast(device.type, enabled=amp)):
                     maps = explainer.attribute(images, target=target_t, out_size=(size, size))
                 maps = maps.detach().float()
                 if not torch.isfinite(maps).all():
                     raise FloatingPointError(f"method {name!r} produced non-finite maps for batch starting at item {start}")
                 arrays[name][start:start + b] = maps.clamp(0, 1).cpu().numpy().astype(map_dtype)
-            imagenet = getattr(dataset, "normalize", "imagenet") == "imagenet"
-            arrays["images"][start:start + b] = _display_images(batch["image"], imagenet)
+            arrays["images"][start:start + b] = _display_images(batch["image"], mean, std)
             arrays["masks"][start:start + b] = (batch["mask"][:, 0] > 0.5).to(torch.uint8).numpy()
             for i in range(b):
-                items.append({
+                t = int(target_t[i])
+                label = int(batch["label"][i].reshape(-1)[0])
+                p = float(prob[i, t])
+                item = {
                     "index": start + i,
                     "image": str(batch["image_path"][i]),
                     "case": str(batch["case"][i]),
-                    "label": int(batch["label"][i].reshape(-1)[0]),
-                    "prob": round(float(prob[i, int(target)]), 6),
-                    "pred": int(prob[i].argmax()),
+                    "label": label,
+                    "prob": round(p, 6),
+                    "pred": int(p > 0.5) if activation == "sigmoid" else int(prob[i].argmax()),
+                    "positive": bool(label == 1) if per_item else bool(label == t),
                     "has_mask": bool(batch["has_mask"][i]),
-                })
+                }
+                if per_item:
+                    item["target"] = t
+                    item["target_name"] = str(batch["target_name"][i]) if "target_name" in batch else str(t)
+                items.append(item)
             start += b
             if bar is not None:
                 bar.update(b)
@@ -171,7 +242,8 @@ def write_explanations(
         index = {
             "dataset": dataset_name,
             "init": init,
-            "target": int(target),
+            "target": PER_ITEM if per_item else int(target),
+            "activation": activation,
             "image_size": size,
             "split": split,
             "methods": list(explainers),
@@ -196,7 +268,7 @@ def _write_panels(folder: Path, writer: Any, count: int) -> None:
     """TensorBoard panels: image, mask and each method's map for a few annotated (else positive) images."""
     index = json.loads((folder / "index.json").read_text())
     items = index["items"]
-    chosen = [it["index"] for it in items if it["has_mask"]] or [it["index"] for it in items if it["label"] == index["target"]]
+    chosen = [it["index"] for it in items if it["has_mask"]] or [it["index"] for it in items if item_is_positive(index, it)]
     chosen = (chosen or [it["index"] for it in items])[:count]
     if not chosen:
         return

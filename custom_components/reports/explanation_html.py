@@ -11,6 +11,11 @@ bundles' explain / evaluate workflows write them::
     <run>/explanations/maps/<method>.npy float16 (N, S, S) in [0, 1], one per listed method
     <run>/explanation_metrics.json       optional: {"n_annotated", "metrics": {method: {key: value}}}
 
+Multi-label runs with per-item targets (``"target": "per_item"``; items with ``target`` and
+``target_name``, e.g. HAM's (image, finding) cases) are shown the same way: an example is one case,
+matched across runs by image and finding (:func:`item_key`), its caption names the finding and the
+ground-truth panel outlines that finding's boxes.
+
 Output: one self-contained HTML file (images as base64 JPEG or PNG data URIs, inline CSS and a small inline
 script, a Content-Security-Policy that forbids any network access) with a header, the metric table
 (one row per initialisation and method, sortable by any column, best value per metric highlighted)
@@ -50,6 +55,7 @@ __all__ = [
     "heatmap_overlay",
     "IMAGE_FORMATS",
     "image_data_uri",
+    "item_key",
     "load_run",
     "mask_overlay",
     "select_examples",
@@ -85,6 +91,18 @@ _COLORMAP_STOPS = np.array(
 # --------------------------------------------------------------------------- loading and checks
 
 
+def item_key(item: dict) -> str:
+    """What matches an example across runs: the image, and its target name for per-item targets."""
+    return f"{item['image']}#{item['target_name']}" if "target_name" in item else item["image"]
+
+
+def _positive(index: dict, item: dict) -> bool:
+    """Whether the item shows its target class (older indexes without ``positive``: label == target)."""
+    if "positive" in item:
+        return bool(item["positive"])
+    return item.get("label") == index.get("target", 1)
+
+
 @dataclass
 class ExplanationRun:
     """One run folder: its index, arrays (memory-mapped) and metrics (None if not evaluated)."""
@@ -114,7 +132,7 @@ class ExplanationRun:
         return self._positions[image_key]
 
     def __post_init__(self) -> None:
-        self._positions = {item["image"]: i for i, item in enumerate(self.items)}
+        self._positions = {item_key(item): i for i, item in enumerate(self.items)}
 
     def has_mask(self, i: int) -> bool:
         flag = self.items[i].get("has_mask")
@@ -144,9 +162,10 @@ def _check_index(index: Any, index_file: Path) -> None:
     for i, item in enumerate(items):
         if not isinstance(item, dict) or not isinstance(item.get("image"), str):
             raise InputDataError(index_file, f"item {i} has no 'image' key")
-        if item["image"] in seen:  # images are matched across runs by this key
-            raise InputDataError(index_file, f"image {item['image']!r} is listed twice")
-        seen.add(item["image"])
+        key = item_key(item)
+        if key in seen:  # examples are matched across runs by this key
+            raise InputDataError(index_file, f"image {key!r} is listed twice")
+        seen.add(key)
     try:
         size = int(index["image_size"])
     except (TypeError, ValueError):
@@ -247,19 +266,18 @@ def select_examples(runs: Sequence[ExplanationRun], n_examples: int, seed: int =
     first run's order.
     """
     ref = runs[0]
-    common = set(item["image"] for item in ref.items)
+    common = set(item_key(item) for item in ref.items)
     for run in runs[1:]:
-        common &= set(item["image"] for item in run.items)
+        common &= set(item_key(item) for item in run.items)
         if not common:
             raise InputDataError(run.index_file, f"no image in common with {ref.index_file}")
     keys = sorted(common)
     rank = {keys[i]: r for r, i in enumerate(np.random.default_rng(seed).permutation(len(keys)))}
-    target = ref.index.get("target", 1)
 
     def group(key: str) -> int:
         i = ref.position(key)
         annotated = all(run.has_mask(run.position(key)) for run in runs)
-        positive = ref.items[i].get("label") == target
+        positive = _positive(ref.index, ref.items[i])
         return (0 if positive else 1) if annotated else (2 if positive else 3)
 
     chosen = sorted(keys, key=lambda k: (group(k), rank[k]))[:n_examples]
@@ -427,6 +445,7 @@ def _caption(run: ExplanationRun, i: int) -> str:
     item = run.items[i]
     key = item["image"]
     prob = _number(item.get("prob"))
+    finding = f'<span class="info">finding {_e(item["target_name"])}</span>' if "target_name" in item else ""
     parts = [
         f"label {_e(item.get('label', 'n/a'))}",
         f"pred {_e(item.get('pred', 'n/a'))}",
@@ -435,7 +454,7 @@ def _caption(run: ExplanationRun, i: int) -> str:
     mask = "annotated" if run.has_mask(i) else "no mask"
     return (
         f'<th scope="row" title="{_e(key)}"><span class="name">{_e(Path(key).name)}</span>'
-        f'<span class="info">#{_e(item.get("index", i))} &middot; {mask}</span>'
+        f'<span class="info">#{_e(item.get("index", i))} &middot; {mask}</span>{finding}'
         f'<span class="info">{" &middot; ".join(parts)}</span></th>'
     )
 
@@ -454,6 +473,7 @@ def _grid(run: ExplanationRun, keys: Sequence[str], image_format: str) -> str:
     rows = []
     for key in keys:
         i = run.position(key)
+        key = run.items[i]["image"] + (f" ({run.items[i]['target_name']})" if "target_name" in run.items[i] else "")
         image = np.asarray(run.images[i])
         cells = [_caption(run, i), _img(uri(image), f"{run.name}: input image {key}")]
         if run.has_mask(i):
@@ -485,6 +505,12 @@ def _values(runs: Sequence[ExplanationRun], key: str) -> str:
         if value not in found:
             found.append(value)
     return ", ".join(found)
+
+
+def _target_text(runs: Sequence[ExplanationRun]) -> str:
+    if all(run.index.get("target") == "per_item" for run in runs):
+        return "each example's own finding (one example per image and finding with a box), not the prediction"
+    return f"{_e(_values(runs, 'target'))} (maps explain this class, not the prediction)"
 
 
 _STYLE = """
@@ -668,7 +694,7 @@ def write_explanation_report(
         f"<header><h1>{_e(title)}</h1>\n<dl class=\"meta\">"
         f"<dt>dataset</dt><dd>{_e(dataset)}</dd>"
         f"<dt>split</dt><dd>{_e(_values(loaded, 'split'))}</dd>"
-        f"<dt>target class</dt><dd>{_e(_values(loaded, 'target'))} (maps explain this class, not the prediction)</dd>"
+        f"<dt>target class</dt><dd>{_target_text(loaded)}</dd>"
         f"<dt>image size</dt><dd>{_e(_values(loaded, 'image_size'))} px</dd>"
         f"<dt>runs</dt><dd>{len(loaded)}</dd></dl>\n"
         '<table class="runs"><thead><tr><th scope="col">initialisation</th><th scope="col">folder</th>'
