@@ -31,6 +31,7 @@ import torch.nn as nn
 
 from custom_components.explain.cnn_cam import CNNGradCAM
 from custom_components.explain.ham_cam import HAMAttention
+from custom_components.io import InputDataError
 from custom_components.networks.cam_resnet import CAMResNet
 from custom_components.networks.ham import HAMNet
 
@@ -65,7 +66,8 @@ def finding_explainers(network: nn.Module, methods: Sequence[str] | None = None)
     Args:
         network: the bundle's network (HAMNet or CAMResNet; DDP wrappers are looked through).
         methods: a subset of the names to keep, in that order (``None``: all, see the module
-            docstring); a name the network does not offer is an error.
+            docstring); a name the network does not offer is an
+            :class:`~custom_components.io.InputDataError` (a ``ValueError``).
     """
     net = _unwrap(network)
     kind = network_kind(net)
@@ -78,6 +80,7 @@ def finding_explainers(network: nn.Module, methods: Sequence[str] | None = None)
     available = list(factories) if kind == "ham" else ["gradcam", "gradcampp"]
     chosen = available if methods is None else list(methods)
     unknown = [m for m in chosen if m not in available]
-    if unknown or not chosen:
-        raise ValueError(f"methods {unknown or chosen} not available for the {kind} network; choose from {available}")
+    if unknown or not chosen:  # a config option (--explain_methods): one clear line, not a traceback
+        raise InputDataError("explain_methods", f"{unknown or chosen} not available for the {kind} network; "
+                                                f"choose from {available}")
     return {m: factories[m]() for m in chosen}
