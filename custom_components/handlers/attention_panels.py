@@ -215,7 +215,8 @@ class AttentionPanelWriter:
         writer.writerow(columns)
         for case, per_finding in self.boxes.items():
             for finding, record in per_finding.items():
-                originals = record.get("boxes_original", [[] for _ in record["boxes"]])
+                blank = ["", "", "", ""] if with_original else []  # an image without its original size
+                originals = record.get("boxes_original", [blank for _ in record["boxes"]])
                 for box, original in zip(record["boxes"], originals, strict=True):
                     writer.writerow([case, finding, f"{record['probability']:.6f}", *box, *original])
         atomic_write_text(buf.getvalue(), json_path.with_suffix(".csv"))
