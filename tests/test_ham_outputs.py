@@ -157,7 +157,8 @@ def test_report_writer_tables(tmp_path):
 
 def test_attention_panel_draws_boxes_where_expected():
     image = np.linspace(0, 1, 20 * 30).reshape(20, 30)
-    tile = {"map": np.zeros((20, 30)), "gt_boxes": [[2.0, 3.0, 6.0, 5.0]], "pred_boxes": [[15, 10, 10, 8]], "caption": "Mass p=0.90"}
+    tile = {"map": np.zeros((20, 30)), "gt_boxes": [[2.0, 3.0, 6.0, 5.0]], "pred_boxes": [[15, 10, 10, 8]],
+            "caption": "Mass p=0.90"}
     panel = attention_panel(image, [tile], scale=2)
     assert panel.shape == (CAPTION_HEIGHT + 40, 2 * 60, 3)
     left, top = 60, CAPTION_HEIGHT
