@@ -157,6 +157,11 @@ class BestMetricSaver:
     Attach to the validation evaluator; the epoch number is the evaluator's (equal to the trainer's
     under MONAI's ``ValidationHandler``) unless ``epoch_source`` names another engine.
     The saved file holds the network's ``state_dict`` only, loadable with ``weights_only=True``.
+
+    A NaN value (an undefined metric, e.g. a localisation accuracy on a validation split without
+    boxes) never wins: while no value has won, no file is written, and a file of that name left by
+    an earlier run in the folder is removed (with a warning), so that no stale "best" model can be
+    evaluated as this run's.
     """
 
     def __init__(
@@ -190,6 +195,9 @@ class BestMetricSaver:
 
     def __call__(self, engine: Engine) -> None:
         value = float(engine.state.metrics[self.metric_name])
+        if value != value and self.best_value is None and idist.get_rank() == 0 and self.path.is_file():
+            self.path.unlink()
+            logger.warning("removed %s of an earlier run: %s is undefined (NaN) in this run", self.path, self.metric_name)
         if not self._better(value):
             return
         self.best_value = value

@@ -15,7 +15,15 @@ from ignite.engine import Engine, Events
 
 from custom_components.io import atomic_write_text
 
-__all__ = ["PredictionCSVWriter", "MultiLabelCSVWriter"]
+__all__ = ["PredictionCSVWriter", "MultiLabelCSVWriter", "rank_path"]
+
+
+def rank_path(path: str | os.PathLike) -> Path:
+    """``path`` itself in a single process; with a ``.rank<N>`` suffix before the extension on several ranks."""
+    path = Path(path)
+    if idist.get_world_size() > 1:
+        return path.with_name(f"{path.stem}.rank{idist.get_rank()}{path.suffix}")
+    return path
 
 
 class _BatchCSVWriter:
@@ -52,9 +60,7 @@ class _BatchCSVWriter:
 
     def _write(self, engine: Engine) -> None:
         rows = torch.cat(self._rows) if self._rows else torch.zeros(0, 0)
-        path = self.path
-        if idist.get_world_size() > 1:
-            path = path.with_name(f"{path.stem}.rank{idist.get_rank()}{path.suffix}")
+        path = rank_path(self.path)
         buf = io.StringIO()
         csv.writer(buf).writerows(self.lines(self._ids, rows))
         path.parent.mkdir(parents=True, exist_ok=True)

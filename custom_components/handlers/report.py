@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ import ignite.distributed as idist
 from ignite.engine import Engine, Events
 
 from custom_components.io import atomic_save_json, atomic_write_text
+from custom_components.reports.metric_tables import table_section, write_table
 
 __all__ = ["MetricsReportWriter", "markdown_table", "format_mean_std", "format_percent"]
 
@@ -106,10 +107,16 @@ class MetricsReportWriter:
         title: Markdown heading.
         extra: additional JSON-serialisable information stored under ``"extra"`` (e.g.
             checkpoint, split, seed).
+        tables: ``{name: spec}``, each spec a callable mapping ``engine.state.metric_details``
+            to a :class:`~custom_components.reports.metric_tables.MetricTable` (e.g.
+            :class:`~custom_components.reports.metric_tables.AUROCTable`); each table is written
+            beside the report as ``<filename>_<name>.csv`` (raw fractions) and ``.md`` (percent),
+            stored in the JSON under ``"tables"`` and appended to the report's Markdown.
 
     JSON layout::
 
-        {"title": ..., "metrics": {"f1": 0.914, ...}, "n_samples": 1234, "extra": {...}, "notes": [...]}
+        {"title": ..., "metrics": {"f1": 0.914, ...}, "n_samples": 1234, "extra": {...}, "notes": [...],
+         "tables": {name: {"columns": [...], "rows": [{column: value}, ...]}}}   # with ``tables`` only
 
     ``n_samples`` comes from ``engine.state.metric_sample_counts`` (set by
     :class:`custom_components.metrics.EpochScoreMetric`) or a ``"n"`` metric, else ``null``.
@@ -125,8 +132,10 @@ class MetricsReportWriter:
         filename: str = "metrics",
         title: str = "Test metrics",
         extra: Mapping[str, Any] | None = None,
+        tables: Mapping[str, Callable[[Mapping[str, Any]], Any]] | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
+        self.tables = dict(tables or {})
         if isinstance(metric_names, str):
             metric_names = (metric_names,)
         if isinstance(metric_names, Mapping):
@@ -144,6 +153,10 @@ class MetricsReportWriter:
     @property
     def markdown_path(self) -> Path:
         return self.output_dir / f"{self.filename}.md"
+
+    def table_stem(self, name: str) -> Path:
+        """``<output_dir>/<filename>_<name>``: the stem of a table's ``.csv`` and ``.md``."""
+        return self.output_dir / f"{self.filename}_{name}"
 
     def attach(self, engine: Engine) -> None:
         """Register :meth:`__call__` on ``Events.COMPLETED`` (once per engine)."""
@@ -212,6 +225,13 @@ class MetricsReportWriter:
         if len(set(counts.values())) > 1:  # different units: say which count belongs to which metric
             report["sample_counts"] = counts
             md += "\nCounts: " + ", ".join(f"{k} {v}" for k, v in counts.items()) + ".\n"
+        if self.tables:
+            details = getattr(engine.state, "metric_details", None) or {}
+            built = {name: spec(details) for name, spec in self.tables.items()}
+            report["tables"] = {name: table.to_json() for name, table in built.items()}
+            md += "".join("\n" + table_section(table, "##") for table in built.values())
+            for name, table in built.items():
+                write_table(table, self.table_stem(name))
         atomic_save_json(report, self.json_path)
         atomic_write_text(md, self.markdown_path)
         logger.info("metrics report written to %s and %s", self.json_path, self.markdown_path)

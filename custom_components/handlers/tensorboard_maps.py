@@ -12,7 +12,14 @@ from ignite.engine import Engine, Events
 
 from custom_components.explain.base import Explainer, resize_maps
 
-__all__ = ["ExplanationPanels", "normalize_per_image", "select_positive_examples", "rank_zero_summary_writer", "mark_restart"]
+__all__ = [
+    "ExplanationPanels",
+    "AttentionMapPanels",
+    "normalize_per_image",
+    "select_positive_examples",
+    "rank_zero_summary_writer",
+    "mark_restart",
+]
 
 
 def normalize_per_image(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -93,6 +100,89 @@ class ExplanationPanels:
         self.writer.add_images(f"{self.tag}/image", normalize_per_image(shown), step)
         self.writer.add_images(f"{self.tag}/mask", masks.reshape(masks.shape[0], 1, *masks.shape[-2:]), step)
         self.writer.add_images(f"{self.tag}/map", normalize_per_image(maps.unsqueeze(1)), step)
+        self.writer.flush()
+
+
+class AttentionMapPanels:
+    """HAM's attention in TensorBoard: image, abnormality map, top finding's map and its box mask.
+
+    Attach to the validation evaluator: after every validation run (each validation epoch; the
+    step is the evaluator's epoch, the trainer's under MONAI's ``ValidationHandler``) the same
+    ``num_images`` validation images, those with boxes first (the entries' ``has_boxes``), go through
+    ``network.forward_with_maps`` (:class:`~custom_components.networks.ham.HAMNet`, or the CAM
+    baseline) in eval mode and give ``<tag>/image``, ``<tag>/abnormal_map`` (refined map of the
+    abnormality head), ``<tag>/finding_map`` and ``<tag>/box_mask`` (the finding with a box and the
+    highest probability, else the most probable finding) and ``<tag>/findings`` (text: which finding
+    each row shows). Rank 0 only; a DDP network is unwrapped, so no collective is called.
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        dataset: Sequence[dict],
+        summary_writer: Any,
+        class_names: Sequence[str] = (),
+        tag: str = "attention",
+        num_images: int = 4,
+        image_key: str = "image",
+        mask_key: str = "box_mask",
+        has_boxes_key: str = "has_boxes",
+        device: str | torch.device | None = None,
+    ) -> None:
+        self.network, self.dataset, self.writer = network, dataset, summary_writer
+        self.class_names = tuple(class_names)
+        self.tag, self.num_images = tag, int(num_images)
+        self.image_key, self.mask_key, self.has_boxes_key = image_key, mask_key, has_boxes_key
+        self.device = device
+        self._items: list[dict] | None = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def _select(self) -> list[dict]:
+        entries = getattr(self.dataset, "data", None)
+        order = list(range(len(self.dataset)))
+        if entries is not None:  # the datalist: no image is loaded to choose
+            order.sort(key=lambda i: not entries[i].get(self.has_boxes_key, 0))
+        return [self.dataset[i] for i in order[: self.num_images]]
+
+    def __call__(self, engine: Engine) -> None:
+        if idist.get_rank() != 0:
+            return
+        if self._items is None:
+            self._items = self._select()
+        if not self._items:
+            return
+        device = self.device or getattr(engine.state, "device", None) or "cpu"
+        images = torch.stack([torch.as_tensor(it[self.image_key]) for it in self._items]).float().to(device)
+        model = getattr(self.network, "module", self.network)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                logits, _, refined = model.forward_with_maps(images)
+        finally:
+            model.train(was_training)
+        refined, probs = refined.float().cpu(), torch.sigmoid(logits[:, 1:].float().cpu())
+        has_mask = self.mask_key in self._items[0]
+        masks = torch.stack([torch.as_tensor(it[self.mask_key]) for it in self._items]).float() if has_mask else None
+        with_box = masks.flatten(2).amax(-1) > 0.5 if masks is not None else torch.zeros_like(probs, dtype=torch.bool)
+        # the most probable finding among those with a box, else among all
+        top = torch.where(with_box.any(1), probs.masked_fill(~with_box, -1.0).argmax(1), probs.argmax(1))
+        rows = torch.arange(len(top))
+        step = engine.state.epoch
+        self.writer.add_images(f"{self.tag}/image", normalize_per_image(images[:, :1].cpu()), step)
+        self.writer.add_images(f"{self.tag}/abnormal_map", refined[:, :1], step)
+        self.writer.add_images(f"{self.tag}/finding_map", refined[rows, 1 + top].unsqueeze(1), step)
+        if masks is not None:
+            self.writer.add_images(f"{self.tag}/box_mask", masks[rows, top].unsqueeze(1), step)
+        names = [self.class_names[i] if i < len(self.class_names) else str(i) for i in top.tolist()]
+        self.writer.add_text(
+            f"{self.tag}/findings",
+            ", ".join(f"{n} (p={p:.2f}{', box' if b else ''})" for n, p, b in
+                      zip(names, probs[rows, top].tolist(), with_box[rows, top].tolist(), strict=True)),
+            step,
+        )
         self.writer.flush()
 
 

@@ -67,6 +67,8 @@ __all__ = [
     "minmax_normalize",
     "binarize_maps",
     "iou_ior",
+    "region_boxes",
+    "predicted_boxes",
     "localization_rows",
     "localization_accuracy",
     "multilabel_auroc",
@@ -121,6 +123,35 @@ def iou_ior(pred: torch.Tensor, gt: torch.Tensor) -> tuple[torch.Tensor, torch.T
     union = (pred | gt).flatten(-2).sum(-1).double()
     area = pred.flatten(-2).sum(-1).double()
     return inter / union.clamp_min(1), inter / area.clamp_min(1)
+
+
+def region_boxes(region: Any, connectivity: int = 8) -> list[list[int]]:
+    """Bounding boxes ``[x, y, w, h]`` (pixels; x the column) of the connected components of a 2-D region.
+
+    ``connectivity`` 8 (default: pixels touching at a corner are one component) or 4. Components
+    are ordered by their first pixel in row-major order; an empty region gives no box. A box covers
+    its component's pixels ``[x, x + w) x [y, y + h)``, the convention of the datalists' boxes
+    (:func:`custom_components.data.nihcxr14.boxes_to_masks` gives back the box as a mask).
+    """
+    from scipy import ndimage
+
+    region = torch.as_tensor(region).detach().cpu()
+    region = (region if region.dtype == torch.bool else region > 0.5).numpy()
+    if region.ndim != 2:
+        raise ValueError(f"region must be 2-D (H, W), got shape {tuple(region.shape)}")
+    if connectivity not in (4, 8):
+        raise ValueError(f"connectivity must be 4 or 8, got {connectivity}")
+    structure = ndimage.generate_binary_structure(2, 1 if connectivity == 4 else 2)
+    labels, _ = ndimage.label(region, structure=structure)
+    return [[int(sl[1].start), int(sl[0].start), int(sl[1].stop - sl[1].start), int(sl[0].stop - sl[0].start)]
+            for sl in ndimage.find_objects(labels)]
+
+
+def predicted_boxes(map_: Any, threshold: float = CAM_THRESHOLD, normalize: bool = False,
+                    connectivity: int = 8) -> list[list[int]]:
+    """HAM's predicted boxes of one (H, W) map: :func:`region_boxes` of :func:`binarize_maps` (R >= 0.999
+    on a refined map by default; ``normalize=True`` with :data:`MINMAX_THRESHOLD` for a raw CAM)."""
+    return region_boxes(binarize_maps(torch.as_tensor(map_), threshold, normalize), connectivity)
 
 
 def localization_rows(
