@@ -18,6 +18,10 @@
    LRP against a per-image loop.
 4. MedViT (``scripts/bench_medvit.py``): training-step time of MedViT-T over MONAI's ResNet-18
    (2-D) and of MedViT-3D over MONAI's 3-D ResNet-18, same input and batch.
+5. HAM (``scripts/bench_ham.py``): HAM's training step (ResNet-50, output stride 8, its five
+  losses) over a plain ResNet-50 multi-label BCE step at the same batch (target at most 1.3x), the
+  same against the CAM baseline on HAM's dilated backbone, forward FLOPs, the loss terms' share, and
+  the map extraction time per image (HAM's refined map; Grad-CAM on the baseline).
 
 Usage::
 
@@ -26,6 +30,7 @@ Usage::
         [--compress False] [--out FILE.md] [--device cpu] [--seed 0]
         [--explainers True] [--explain_batch 32] [--explain_image_size 224] [--explain_lrp_loop_batch N]
         [--medvit True] [--medvit_batch 8] [--medvit_image_size 224] [--medvit_volume_size 64] [--medvit_batch3d 4]
+        [--ham True] [--ham_batch 4] [--ham_image_size 256]
 
 Smoke test (well under a minute on 2 CPU cores)::
 
@@ -345,8 +350,11 @@ def main(
     medvit_image_size: int = 224,
     medvit_volume_size: int = 64,
     medvit_batch3d: int = 4,
+    ham: bool = True,
+    ham_batch: int = 4,
+    ham_image_size: int = 256,
 ) -> None:
-    """Run the step, data, explainer and MedViT benchmarks (sections off with --methods/--explainers/--medvit False).
+    """Run the step, data, explainer, MedViT and HAM benchmarks (sections off with --methods/--explainers/--medvit/--ham False).
 
     Prints one Markdown table. ``--size tiny`` also shrinks the explainer and MedViT sections.
     """
@@ -370,7 +378,7 @@ def main(
     t_data = time.perf_counter() - t0
     extra: list[tuple[str, str]] = []
     t_extra = 0.0
-    if explainers or medvit:
+    if explainers or medvit or ham:
         sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling section modules
         t0 = time.perf_counter()
         if explainers:
@@ -385,6 +393,13 @@ def main(
             extra += bench_medvit.rows(batch=int(medvit_batch), image_size=int(medvit_image_size),
                                        volume_size=int(medvit_volume_size), steps=int(steps), warmup=int(warmup),
                                        device=device, seed=int(seed), tiny=size == "tiny", batch3d=int(medvit_batch3d))
+        if ham:
+            import bench_ham
+
+            tiny = size == "tiny"
+            extra += bench_ham.rows(batch=int(ham_batch), image_size=int(ham_image_size),
+                                    arch="resnet18" if tiny else "resnet50", steps=max(1, int(steps) // 2),
+                                    warmup=min(int(warmup), 1), device=device, seed=int(seed), tiny=tiny)
         t_extra = time.perf_counter() - t0
     load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
@@ -433,7 +448,7 @@ def main(
         f"Medians of {steps} interleaved steps per variant after {warmup} warm-up rounds; data: median of "
         f"{max(1, data_epochs)} interleaved epochs. Machine: {_machine(dev)}; device {dev}; "
         f"torch {torch.__version__}, {threads} threads (torch default); Python {platform.python_version()}. "
-        f"Wall time: steps {t_steps:.0f} s, data {t_data:.0f} s, explainers + MedViT {t_extra:.0f} s. "
+        f"Wall time: steps {t_steps:.0f} s, data {t_data:.0f} s, explainers + MedViT + HAM {t_extra:.0f} s. "
         f"CPU utilisation during the timed steps "
         f"{_utilisation(times, threads):.0%} of {threads} threads (well below 100 % = other processes competed "
         f"for the cores and the timings are noisy); 1-min load average {load0:.2f} before, {load1:.2f} after.",

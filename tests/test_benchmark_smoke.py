@@ -23,7 +23,7 @@ def test_benchmark_tiny_all_sections(tmp_path):
            "--data_cases", "2", "--data_shape", "48,48,12", "--image_size", "32", "--batch", "4",
            "--explain_batch", "3", "--explain_image_size", "32", "--explain_lrp_loop_batch", "2",
            "--medvit_batch", "2", "--medvit_image_size", "32", "--medvit_volume_size", "16", "--medvit_batch3d", "2",
-           "--out", str(out)]  # fmt: skip
+           "--ham_batch", "2", "--ham_image_size", "32", "--out", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=subprocess_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = out.read_text()
@@ -39,3 +39,8 @@ def test_benchmark_tiny_all_sections(tmp_path):
     # the explainer section: one ratio per method and the LRP loop comparison
     for label in ("GAE", "LRP", "Grad-CAM", "rollout"):
         assert any(label in line and "x**" in line for line in table.splitlines()), label
+    # the HAM section: the step ratio against the plain ResNet agrees with its two step times, and map times
+    ham = next(line for line in table.splitlines() if "HAM / plain ResNet multi-label training step" in line)
+    ratio, a, b = (float(v) for v in re.search(r"\*\*([0-9.]+)x\*\* \(([0-9.]+) ms / ([0-9.]+) ms\)", ham).groups())
+    assert "target ≤ 1.3x" in ham and ratio == pytest.approx(a / b, rel=0.05, abs=0.01)
+    assert sum("map extraction per image" in line for line in table.splitlines()) == 2

@@ -250,3 +250,15 @@ def test_broken_release_gives_one_clear_error(tmp_path, twin):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "error:" in proc.stderr and victim.stem in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_packed_bundle_downloads_and_runs(tmp_path, twin):
+    zip_path = tmp_path / "ham_nihcxr14.zip"
+    run([sys.executable, str(REPO / "scripts" / "pack_bundle.py"), "ham_nihcxr14", "--out", str(zip_path)], cwd=REPO)
+    run([sys.executable, "-m", "monai.bundle", "download", "--name", "ham_nihcxr14", "--url", zip_path.as_uri(),
+         "--bundle_dir", str(tmp_path / "installed")], cwd=tmp_path)  # fmt: skip
+    installed = tmp_path / "installed" / "ham_nihcxr14"
+    assert (installed / "configs" / "train.json").is_file() and (installed / "LICENSE").is_file()
+    assert (installed / "configs" / "methods" / "baseline.json").is_file()
+    run(cmd("training", installed, twin, args=["--num_epochs", "1"]), cwd=installed)
+    assert load_checkpoint(installed / "models" / "last.pt")["trainer"]["epoch"] == 1

@@ -67,3 +67,30 @@ def test_misspelt_option_stops_the_comparison_before_any_run(tmp_path):
         "did you mean --num_epochs?"
     )
     assert not (tmp_path / "compare").exists()
+
+
+def test_compare_ham_with_the_cam_baseline(tmp_path):
+    from custom_components.data.synthetic import write_nihcxr14_twin
+
+    twin = write_nihcxr14_twin(tmp_path / "nih", n_images=32, size=48, seed=1)
+    out = tmp_path / "compare_ham"
+    cmd = [sys.executable, str(REPO / "scripts" / "compare_methods.py"), "ham_nihcxr14", "--dataset_dir", str(twin),
+           "--demo", "--output_dir", str(out), "--seeds", "1", "--methods", "ham,baseline", "--num_epochs", "1",
+           "--image_size", "32"]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=subprocess_env())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {r["method"]: r for r in csv.DictReader((out / "comparison.csv").open())}
+    # HAM's own maps and the two Grad-CAMs for HAM; the Grad-CAMs for the CAM baseline
+    assert list(rows) == ["ham + ham", "ham + gradcam", "ham + gradcampp", "baseline + gradcam", "baseline + gradcampp"]
+    tiou = [f"tiou_{t}" for t in ("0.1", "0.2", "0.3", "0.4", "0.5", "0.6", "0.7")]
+    for row in rows.values():
+        values = [float(row[f"{k}_mean"]) for k in tiou]
+        assert all(0.0 <= v <= 1.0 for v in values) and values == sorted(values, reverse=True), row
+        assert 0.0 <= float(row["pointing_game_mean"]) <= 1.0
+    # one training per method: the AUROC of a training is the same on each of its map rows
+    assert rows["ham + ham"]["auroc_mean"] == rows["ham + gradcam"]["auroc_mean"]
+    assert "| baseline + gradcam |" in (out / "comparison.md").read_text()
+    # a second call reads the finished runs back instead of training again
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=subprocess_env())
+    assert again.returncode == 0 and " ..." not in again.stdout, again.stdout[-2000:]
+    assert [r["method"] for r in csv.DictReader((out / "comparison.csv").open())] == list(rows)
