@@ -175,7 +175,8 @@ def test_writer_stores_each_case_explained_with_its_own_finding(written, ham, ca
     with torch.no_grad():
         direct = HAMAttention(ham).attribute(images, target)
         logits = ham(images)
-    np.testing.assert_allclose(np.load(folder / "maps" / "ham.npy"), direct.numpy(), atol=1e-6)
+    # float32 rounding: the writer's batches differ from this one (conv kernels vary with batch size and threads)
+    np.testing.assert_allclose(np.load(folder / "maps" / "ham.npy"), direct.numpy(), atol=1e-5)
     # each case's own target: another finding's map is different
     with torch.no_grad():
         other = HAMAttention(ham).attribute(images, (target % 14) + 1)
