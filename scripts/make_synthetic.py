@@ -20,6 +20,8 @@ thick-slice scan ``--shape 40,32,9 --spacing 0.9,0.9,6.5``; the defaults are tho
         [--size 256,320] [--with_masks True] [--seed 0]
     python scripts/make_synthetic.py nihcxr14 --output_dir D [--n_images 32] [--size 128] [--seed 0]
         [--n_patients 10] [--layout images|batches] [--data_entry 2017|v2020]
+    python scripts/make_synthetic.py brain_tumor --output_dir D [--n_per_class 8,3] [--size 256] [--seed 0]
+    python scripts/make_synthetic.py fgadr --output_dir D [--n_images 25] [--size 256] [--seed 0]
 """
 
 from __future__ import annotations
@@ -177,6 +179,27 @@ def vit_checkpoints(
 
 COMMANDS = {"brats20": brats20, "lits17": lits17, "medmnist2d": medmnist2d, "medmnist3d": medmnist3d,
             "kvasir": kvasir, "mura": mura, "nihcxr14": nihcxr14, "vit_checkpoints": vit_checkpoints}
+
+
+def brain_tumor(output_dir: str, n_per_class: str | Sequence[int] = (8, 3), size: int = 256, seed: int = 0) -> str:
+    """Brain Tumor MRI twin: ``<output_dir>/{Training,Testing}/<class>/*.jpg`` (4 classes)."""
+    from custom_components.data.synthetic import write_brain_tumor_twin
+
+    root = write_brain_tumor_twin(output_dir, n_per_class=parse_ints(n_per_class), size=int(size), seed=int(seed))
+    print(root)
+    return str(root)
+
+
+def fgadr(output_dir: str, n_images: int = 25, size: int = 256, seed: int = 0) -> str:
+    """FGADR Seg-set twin: ``<output_dir>/Original_Images/*.png`` + ``DR_Seg_Grading_Label.csv``."""
+    from custom_components.data.synthetic import write_fgadr_twin
+
+    root = write_fgadr_twin(output_dir, n_images=int(n_images), size=int(size), seed=int(seed))
+    print(root)
+    return str(root)
+
+
+COMMANDS.update({"brain_tumor": brain_tumor, "fgadr": fgadr})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -717,3 +717,85 @@ def write_nihcxr14_twin(
 
 
 __all__ += ["write_nihcxr14_twin"]
+
+
+_BRAIN_PREFIX = {"glioma": "gl", "meningioma": "me", "notumor": "no", "pituitary": "pi"}
+
+
+def write_brain_tumor_twin(root: str | os.PathLike, n_per_class: int | Sequence[int] = (8, 3),
+                           size: int | Sequence[int] = 64, seed: int = 0) -> Path:
+    """Brain Tumor MRI (Kaggle) twin: ``<root>/{Training,Testing}/<class>/{Tr,Te}-<xx>_<NNNN>.jpg``.
+
+    Classes ``glioma``, ``meningioma``, ``notumor``, ``pituitary``; ``n_per_class`` = (per class in
+    Training, per class in Testing) or one number for both. ``size`` = side or (width, height).
+    A grey elliptic "head" with smooth noise; the tumour is a bright blob whose place tells the class
+    so that a small network learns it: glioma inside the left hemisphere, meningioma at the upper
+    rim, pituitary small at the lower centre, notumor none. Every third image is saved as RGB (the
+    release mixes grey and RGB JPEGs). Deterministic from ``seed``. Returns ``root``.
+    """
+    from PIL import Image
+
+    from custom_components.data.class_folders import BRAIN_TUMOR_CLASSES
+
+    out = Path(root)
+    counts = [int(n_per_class)] if isinstance(n_per_class, int) else [int(v) for v in n_per_class]
+    n_train, n_test = (counts[0], max(1, counts[0] // 3)) if len(counts) == 1 else (counts[0], counts[1])
+    width, height = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    head = (((xx - width / 2) / (0.42 * width)) ** 2 + ((yy - height / 2) / (0.46 * height)) ** 2) <= 1.0
+    where = {"glioma": (0.32, 0.5, 0.13), "meningioma": (0.5, 0.14, 0.11), "pituitary": (0.5, 0.72, 0.07)}
+    k = 0
+    for split, prefix, n in (("Training", "Tr", n_train), ("Testing", "Te", n_test)):
+        for cls in BRAIN_TUMOR_CLASSES:
+            folder = out / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img = np.where(head, 90.0, 5.0) + _noise2d(rng, height, width) * 20 * head
+                if cls in where:
+                    cx, cy, r = where[cls]
+                    cx = (cx + rng.uniform(-0.04, 0.04)) * width
+                    cy = (cy + rng.uniform(-0.04, 0.04)) * height
+                    rr = r * min(width, height) * rng.uniform(0.85, 1.15)
+                    img += 150 * np.exp(-(((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * (rr / 1.5) ** 2)))
+                im = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+                if k % 3 == 2:
+                    im = im.convert("RGB")
+                im.save(folder / f"{prefix}-{_BRAIN_PREFIX[cls]}_{i:04d}.jpg", quality=92)
+                k += 1
+    return out
+
+
+def write_fgadr_twin(root: str | os.PathLike, n_images: int = 25, size: int = 96, seed: int = 0) -> Path:
+    """FGADR Seg-set twin: ``<root>/Original_Images/<NNNN>_<k>.png`` + ``<root>/DR_Seg_Grading_Label.csv``.
+
+    Grades 0..4 in turn (``n_images`` >= 5 gives every grade); a reddish fundus disc with
+    ``2 * grade`` bright yellow "exudate" spots, so the grade is learnable. The CSV has no header
+    (``<file name>,<grade>`` rows, as the release). Deterministic from ``seed``. Returns ``root``.
+    """
+    from PIL import Image
+
+    out = Path(root)
+    folder = out / "Original_Images"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    disc = ((xx - size / 2) ** 2 + (yy - size / 2) ** 2) <= (0.46 * size) ** 2
+    rows = []
+    for i in range(int(n_images)):
+        grade = i % 5
+        noise = (_noise2d(rng, size, size) + 1) / 2
+        img = np.stack([150 + 50 * noise, 60 + 20 * noise, 30 + 10 * noise], -1) * disc[..., None]
+        for _ in range(2 * grade):
+            ang, rad = rng.uniform(0, 2 * np.pi), rng.uniform(0, 0.35 * size)
+            cx, cy = size / 2 + rad * np.cos(ang), size / 2 + rad * np.sin(ang)
+            spot = ((xx - cx) ** 2 + (yy - cy) ** 2) <= (0.04 * size) ** 2
+            img[spot] = (250, 230, 90)
+        name = f"{i + 1:04d}_{int(rng.integers(1, 4))}.png"
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / name)
+        rows.append(f"{name},{grade}")
+    (out / "DR_Seg_Grading_Label.csv").write_text("\n".join(rows) + "\n")
+    return out
+
+
+__all__ += ["write_brain_tumor_twin", "write_fgadr_twin"]
