@@ -22,6 +22,8 @@ thick-slice scan ``--shape 40,32,9 --spacing 0.9,0.9,6.5``; the defaults are tho
         [--n_patients 10] [--layout images|batches] [--data_entry 2017|v2020]
     python scripts/make_synthetic.py brain_tumor --output_dir D [--n_per_class 8,3] [--size 256] [--seed 0]
     python scripts/make_synthetic.py fgadr --output_dir D [--n_images 25] [--size 256] [--seed 0]
+    python scripts/make_synthetic.py kvasir_seg --output_dir D [--n_images 20] [--size 160] [--seed 0]
+    python scripts/make_synthetic.py busi --output_dir D [--n_per_class 4] [--size 96] [--seed 0]
 """
 
 from __future__ import annotations
@@ -200,6 +202,29 @@ def fgadr(output_dir: str, n_images: int = 25, size: int = 256, seed: int = 0) -
 
 
 COMMANDS.update({"brain_tumor": brain_tumor, "fgadr": fgadr})
+
+
+def kvasir_seg(output_dir: str, n_images: int = 20, size: str | int | Sequence[int] = 160, seed: int = 0) -> str:
+    """Kvasir-SEG twin: ``<output_dir>/images/<id>.jpg`` + ``masks/<id>.jpg`` (JPEG masks)."""
+    from custom_components.data.synthetic import write_kvasir_seg_twin
+
+    sizes = parse_ints(size)
+    root = write_kvasir_seg_twin(output_dir, n_images=int(n_images), size=sizes[0] if len(sizes) == 1 else sizes,
+                                 seed=int(seed))
+    print(root)
+    return str(root)
+
+
+def busi(output_dir: str, n_per_class: int = 4, size: int = 96, seed: int = 0) -> str:
+    """BUSI twin: ``<output_dir>/<class>/<class> (i).png`` + ``_mask.png`` (+ ``_mask_1.png``)."""
+    from custom_components.data.synthetic import write_busi_twin
+
+    root = write_busi_twin(output_dir, n_per_class=int(n_per_class), size=int(size), seed=int(seed))
+    print(root)
+    return str(root)
+
+
+COMMANDS.update({"kvasir_seg": kvasir_seg, "busi": busi})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -799,3 +799,82 @@ def write_fgadr_twin(root: str | os.PathLike, n_images: int = 25, size: int = 96
 
 
 __all__ += ["write_brain_tumor_twin", "write_fgadr_twin"]
+
+
+def _polyp_scene(rng: np.random.Generator, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """An endoscopy-like RGB frame with 0-2 polyp-like blobs (raised, shaded ellipses) and their mask."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    noise = (_noise2d(rng, height, width) + 1) / 2
+    vignette = 1.0 - 0.6 * (((xx - width / 2) / (width / 2)) ** 2 + ((yy - height / 2) / (height / 2)) ** 2).clip(0, 1)
+    img = np.stack([170 + 50 * noise, 90 + 40 * noise, 80 + 30 * noise], -1) * vignette[..., None]
+    mask = np.zeros((height, width), bool)
+    for _ in range(int(rng.choice([1, 1, 1, 2]))):
+        a, b = rng.uniform(0.12, 0.25) * width, rng.uniform(0.12, 0.25) * height
+        cx, cy = rng.uniform(0.3, 0.7) * width, rng.uniform(0.3, 0.7) * height
+        blob = _ellipse(width, height, cx, cy, a, b, rng.uniform(0, np.pi))
+        # a raised blob: brighter and pinker towards its top-left highlight
+        shade = np.exp(-(((xx - cx + 0.3 * a) / a) ** 2 + ((yy - cy + 0.3 * b) / b) ** 2))
+        img[blob] = np.stack([215 + 35 * shade, 120 + 60 * shade, 120 + 50 * shade], -1)[blob]
+        mask |= blob
+    return np.clip(img, 0, 255).astype(np.uint8), mask
+
+
+def write_kvasir_seg_twin(root: str | os.PathLike, n_images: int = 20, size: int | Sequence[int] = 160,
+                          seed: int = 0, mask_quality: int = 90) -> Path:
+    """Kvasir-SEG twin: ``<root>/images/<id>.jpg`` + ``<root>/masks/<id>.jpg`` (same 25-character ids).
+
+    ``size`` = side or (width, height) of the largest image; widths and heights vary per image by up
+    to -15 % (the release's sizes differ per image). Masks are RGB JPEGs of a 0/255 polyp mask, so
+    their values spread around 0 and 255 as in the release (compression noise at the edges).
+    Deterministic from ``seed``. Returns ``root``.
+    """
+    from PIL import Image
+
+    out = Path(root)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    width0, height0 = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    rng = np.random.default_rng(seed)
+    alphabet = np.array(list("abcdefghijklmnopqrstuvwxyz0123456789"))
+    for _ in range(int(n_images)):
+        width = int(width0 * rng.uniform(0.85, 1.0))
+        height = int(height0 * rng.uniform(0.85, 1.0))
+        img, mask = _polyp_scene(rng, width, height)
+        name = "cju" + "".join(rng.choice(alphabet, 22))
+        Image.fromarray(img).save(out / "images" / f"{name}.jpg", quality=90)
+        m = np.repeat((mask.astype(np.uint8) * 255)[..., None], 3, -1)
+        Image.fromarray(m).save(out / "masks" / f"{name}.jpg", quality=int(mask_quality))
+    return out
+
+
+def write_busi_twin(root: str | os.PathLike, n_per_class: int = 4, size: int = 96, seed: int = 0) -> Path:
+    """BUSI (Dataset_BUSI_with_GT) twin: ``<root>/<class>/<class> (i).png`` + ``<class> (i)_mask.png``.
+
+    Classes ``benign``, ``malignant`` (one dark hypoechoic lesion each; every third image has a
+    second lesion in ``_mask_1.png``) and ``normal`` (empty masks). Grey speckled PNGs saved as RGB
+    as in the release; masks grey 0/255 PNGs. Deterministic from ``seed``. Returns ``root``.
+    """
+    from PIL import Image
+
+    out = Path(root)
+    rng = np.random.default_rng(seed)
+    for cls in ("benign", "malignant", "normal"):
+        folder = out / cls
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(1, int(n_per_class) + 1):
+            img = 90 + 40 * _noise2d(rng, size, size) + rng.normal(0, 12, (size, size))
+            masks = []
+            n_lesions = 0 if cls == "normal" else (2 if i % 3 == 0 else 1)
+            for _ in range(max(1, n_lesions)):
+                lesion = np.zeros((size, size), bool)
+                if n_lesions:
+                    lesion = _ellipse(size, size, rng.uniform(0.3, 0.7) * size, rng.uniform(0.3, 0.7) * size,
+                                      rng.uniform(0.08, 0.18) * size, rng.uniform(0.06, 0.14) * size, rng.uniform(0, np.pi))
+                    img[lesion] = 25 + rng.normal(0, 6, int(lesion.sum()))
+                masks.append(lesion)
+            stem = f"{cls} ({i})"
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).convert("RGB").save(folder / f"{stem}.png")
+            for k, lesion in enumerate(masks):
+                suffix = "_mask" if k == 0 else f"_mask_{k}"
+                Image.fromarray(lesion.astype(np.uint8) * 255).save(folder / f"{stem}{suffix}.png")
+    return out
