@@ -218,3 +218,43 @@ def prepare_class_datalist(dataset: str, root: str | os.PathLike, out: str | os.
         out = Path(out)
         check_datalist_images(datalist, root, out.with_name(out.stem + ".checked.json"))
     return write_datalist(datalist, out)
+
+
+class FundusTrainAugment:
+    """FGADR training augmentation of the reference on an ImageNet-normalised item: random crop, flip, autocontrast.
+
+    ``item["image"]`` (3, H, W) -> a random ``crop`` x ``crop`` window, horizontally flipped with
+    probability ``flip_prob``, and with probability ``autocontrast_prob`` each channel stretched to the
+    full [0, 1] range (torchvision's ``RandomAutocontrast``: computed on the un-normalised values, then
+    normalised again). Random numbers from ``torch``'s global generator (seeded by the bundle).
+    """
+
+    def __init__(self, crop: int = 480, flip_prob: float = 0.5, autocontrast_prob: float = 0.2) -> None:
+        self.crop, self.flip_prob, self.autocontrast_prob = int(crop), float(flip_prob), float(autocontrast_prob)
+
+    def __call__(self, item: dict) -> dict:
+        import torch
+
+        from custom_components.data.image_folders import IMAGENET_MEAN, IMAGENET_STD
+
+        image = item["image"]
+        h, w = image.shape[-2:]
+        if h < self.crop or w < self.crop:
+            raise ValueError(f"image {h}x{w} is smaller than the crop {self.crop}")
+        top = int(torch.randint(0, h - self.crop + 1, (1,)))
+        left = int(torch.randint(0, w - self.crop + 1, (1,)))
+        image = image[..., top:top + self.crop, left:left + self.crop]
+        if float(torch.rand(())) < self.flip_prob:
+            image = image.flip(-1)
+        if float(torch.rand(())) < self.autocontrast_prob:
+            mean = torch.tensor(IMAGENET_MEAN, dtype=image.dtype).view(3, 1, 1)
+            std = torch.tensor(IMAGENET_STD, dtype=image.dtype).view(3, 1, 1)
+            x = image * std + mean
+            lo = x.amin(dim=(-2, -1), keepdim=True)
+            hi = x.amax(dim=(-2, -1), keepdim=True)
+            x = torch.where(hi > lo, (x - lo) / (hi - lo).clamp_min(1e-12), x)
+            image = (x - mean) / std
+        return {**item, "image": image.contiguous()}
+
+
+__all__ += ["FundusTrainAugment"]
