@@ -55,6 +55,9 @@ __all__ = [
     "read_image",
     "read_mask",
     "prepare_seg2d",
+    "INPUT_SCALINGS",
+    "scale_input",
+    "ScaleInputd",
 ]
 
 LAYOUTS = ("kvasir", "busi", "isic")
@@ -331,3 +334,53 @@ def prepare_seg2d(
     path = out / "datalist.json"
     atomic_save_json(datalist, path)
     return path
+
+
+#: ImageNet channel statistics (RGB, on [0, 1] values)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INPUT_SCALINGS = ("imagenet", "unit", "reference_0_255")
+
+
+def scale_input(image: Any, mode: str = "imagenet") -> Any:
+    """Scale a (C, H, W) uint8-range image for the network (spec lvmmed.md section 6).
+
+    ``imagenet`` (project default): /255 then ImageNet mean/std per channel. ``unit``: /255.
+    ``reference_0_255``: the reference's per-image min-max to [0, 255] without normalisation.
+    """
+    import torch
+
+    x = torch.as_tensor(image).float()
+    if mode == "imagenet":
+        c = x.shape[0]
+        mean = torch.tensor(IMAGENET_MEAN[:c] if c == 3 else (sum(IMAGENET_MEAN) / 3,) * c).view(-1, 1, 1)
+        std = torch.tensor(IMAGENET_STD[:c] if c == 3 else (sum(IMAGENET_STD) / 3,) * c).view(-1, 1, 1)
+        return (x / 255.0 - mean) / std
+    if mode == "unit":
+        return x / 255.0
+    if mode == "reference_0_255":
+        lo, hi = x.min(), x.max()
+        return (x - lo) / (hi - lo) * 255.0 if hi > lo else torch.zeros_like(x)
+    raise ValueError(f"input_scaling must be one of {INPUT_SCALINGS}, got {mode!r}")
+
+
+class ScaleInputd:
+    """Dictionary transform applying :func:`scale_input` to ``keys`` (MONAI metadata is kept)."""
+
+    def __init__(self, keys: str | Sequence[str] = "image", mode: str = "imagenet") -> None:
+        if mode not in INPUT_SCALINGS:
+            raise ValueError(f"input_scaling must be one of {INPUT_SCALINGS}, got {mode!r}")
+        self.keys = [keys] if isinstance(keys, str) else list(keys)
+        self.mode = mode
+
+    def __call__(self, data: dict) -> dict:
+        d = dict(data)
+        for key in self.keys:
+            value = d[key]
+            scaled = scale_input(value, self.mode)
+            if hasattr(value, "copy_meta_from"):  # MetaTensor: keep its metadata
+                from monai.data import MetaTensor
+
+                scaled = MetaTensor(scaled, meta=getattr(value, "meta", None))
+            d[key] = scaled
+        return d
