@@ -21,6 +21,9 @@ pytestmark = pytest.mark.slow
 
 def _twin(bundle: str, root: Path) -> tuple[Path, dict]:
     """The bundle's format twin and the tiny overrides its tests use."""
+    if bundle == "lvmmed_cls_brain":
+        data = synthetic.write_brain_tumor_twin(root, n_per_class=(4, 1), size=32, seed=1)
+        return data, {"image_size": 32, "arch": "resnet18", "batch_size": 4}
     if bundle.startswith("lgmvit"):
         make = synthetic.write_brats20_twin if bundle == "lgmvit_brats20" else synthetic.write_lits17_twin
         data = make(root, n_per_split=(2, 1, 1), shape=(32, 32, 8), seed=1)

@@ -123,6 +123,22 @@ def _nihcxr14(d: Path) -> dict[str, str]:
     return {"--dataset_dir": str(write_nihcxr14_twin(d, n_images=32, size=48, seed=1))}
 
 
+def _brain_tumor(d: Path) -> dict[str, str]:
+    """The Brain Tumor MRI twin and a stand-in LVM-Med file (torchvision layout, written from MONAI's ResNet-18)."""
+    import torch
+
+    from custom_components.data.synthetic import write_brain_tumor_twin
+    from custom_components.networks.ham import DilatedResNet
+
+    torch.manual_seed(5)
+    state = {**DilatedResNet("resnet18", output_stride=32, dilation=False).state_dict(),
+             "fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)}
+    (d / "weights").mkdir(parents=True, exist_ok=True)
+    torch.save(state, d / "weights" / "lvmmed_resnet18.torch")
+    return {"--dataset_dir": str(write_brain_tumor_twin(d / "brain", n_per_class=(8, 2), size=40, seed=1)),
+            "--pretrained_path": str(d / "weights" / "lvmmed_resnet18.torch")}
+
+
 @dataclass(frozen=True)
 class Case:
     train_configs: tuple[str, ...]  # the training the README's first export command follows
@@ -183,6 +199,11 @@ CASES = {
         _mura, (2, 3, 32, 32), VIT_SMALL, "scripts/demo_attention_maps.sh",
         ("\"'configs/train.json','configs/init/$init.json','configs/demo.json'\"", "/demo/attention_maps_$DATASET}",
          'ROOT=$DEMO_DIR/bundle'),
+    ),
+    # demo.json's ResNet-18 at 32 px, so that train.json alone builds the same small network
+    "lvmmed_cls_brain": Case(
+        ("configs/train.json", "configs/demo.json"), ("configs/train.json",), "bundles/lvmmed_cls_brain",
+        _brain_tumor, (2, 3, 32, 32), {"--image_size": 32, "--arch": "resnet18", "--batch_size": 8},
     ),
 }  # fmt: skip
 
