@@ -152,3 +152,21 @@ def test_init_arguments(tmp_path, r18_file):
 def test_unet_forward_is_one_tensor():
     out = _unet()(torch.zeros(1, 3, 64, 64))
     assert isinstance(out, torch.Tensor) and out.shape == (1, 2, 64, 64)
+
+
+def test_scriptable_shortcuts_compute_what_monai_computes():
+    from monai.networks.nets import FlexibleUNet
+
+    from custom_components.networks.encoder_init import ZeroPadShortcut
+
+    torch.manual_seed(4)
+    ref = FlexibleUNet(3, 2, "resnet18", decoder_channels=(32, 16, 16, 8, 8)).eval()
+    net = _unet().eval()
+    net.load_state_dict(ref.state_dict())
+    assert sum(isinstance(m, ZeroPadShortcut) for m in net.modules()) == 3  # layers 2-4
+    x = torch.randn(2, 3, 64, 64)
+    scripted = torch.jit.script(net)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), ref(x), rtol=0, atol=0)
+        torch.testing.assert_close(scripted(torch.randn(1, 3, 32, 32)).shape, torch.Size([1, 2, 32, 32]))
+        torch.testing.assert_close(scripted(x), ref(x), rtol=1e-5, atol=1e-5)

@@ -148,16 +148,32 @@ class SegmentationPredictionWriter:
 
     The overlay is drawn on the prepared image ``<image_dir>/<case>.png`` when it exists (else on the
     network input, min-max scaled); the ground-truth outline is drawn when the batch has a label.
+    ``csv_path`` (optional): an index with one row per image (``case, mask, overlay, pred_pixels,
+    pred_fraction``; paths relative to ``output_dir``), written atomically at the end (rank 0).
     """
 
     def __init__(self, output_dir: str | os.PathLike, image_dir: str | os.PathLike | None = None,
-                 write_overlays: bool = True) -> None:
+                 write_overlays: bool = True, csv_path: str | os.PathLike | None = None) -> None:
         self.output_dir = Path(output_dir)
         self.image_dir = Path(image_dir) if image_dir else None
         self.write_overlays = write_overlays
+        self.csv_path = Path(csv_path) if csv_path else None
+        self.rows: list[dict[str, Any]] = []
 
     def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, lambda _: self.rows.clear())
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+        if self.csv_path is not None:
+            engine.add_event_handler(Events.COMPLETED, self.write_index)
+
+    def write_index(self, engine: Engine) -> None:
+        if idist.get_rank() != 0 or self.csv_path is None:
+            return
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=["case", "mask", "overlay", "pred_pixels", "pred_fraction"])
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write_text(buf.getvalue(), self.csv_path)
 
     def __call__(self, engine: Engine) -> None:
         from PIL import Image
@@ -168,6 +184,9 @@ class SegmentationPredictionWriter:
         labels = torch.as_tensor(labels).round().squeeze(1).cpu().numpy() if labels is not None else None
         for i, case in enumerate(_cases(engine, len(masks))):
             _save_png(masks[i] * 255, self.output_dir / "masks" / f"{case}.png")
+            self.rows.append({"case": case, "mask": f"masks/{case}.png",
+                              "overlay": f"overlays/{case}.png" if self.write_overlays else "",
+                              "pred_pixels": int(masks[i].sum()), "pred_fraction": float(masks[i].mean())})
             if not self.write_overlays:
                 continue
             source = self.image_dir / f"{case}.png" if self.image_dir else None

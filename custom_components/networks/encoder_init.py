@@ -25,18 +25,21 @@ MONAI's ``FlexibleUNet`` (its ResNet encoder is the ``encoder`` attribute) and i
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from monai.networks.nets import FlexibleUNet
 
 from custom_components.io import InputDataError
 from custom_components.networks.pretrained import load_pretrained_resnet
 
-__all__ = ["INITS", "check_encoder_init", "init_encoder", "resnet_encoder", "lvmmed_unet"]
+__all__ = ["INITS", "check_encoder_init", "init_encoder", "resnet_encoder", "lvmmed_unet", "scriptable_shortcuts"]
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +106,44 @@ def init_encoder(encoder: nn.Module, init: str, path: str | Path | None = None) 
     return loaded
 
 
+class ZeroPadShortcut(nn.Module):
+    """MONAI's type-"A" ResNet shortcut as a module: strided subsampling, zero channels appended.
+
+    Computes what ``ResNet._downsample_basic_block`` computes (including its ``.data``: no gradient
+    flows through the shortcut), but TorchScript can compile a module where it cannot compile the
+    ``functools.partial`` MONAI stores, so ``ckpt_export`` works for ResNet-10/18/34 encoders.
+    No parameters: state dicts are unchanged.
+    """
+
+    def __init__(self, planes: int, stride: int, spatial_dims: int = 2) -> None:
+        super().__init__()
+        self.planes, self.stride, self.spatial_dims = int(planes), int(stride), int(spatial_dims)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spatial_dims == 3:
+            out = F.avg_pool3d(x, kernel_size=1, stride=self.stride)
+        elif self.spatial_dims == 2:
+            out = F.avg_pool2d(x, kernel_size=1, stride=self.stride)
+        else:
+            out = F.avg_pool1d(x, kernel_size=1, stride=self.stride)
+        shape = list(out.shape)
+        shape[1] = self.planes - shape[1]
+        zeros = torch.zeros(shape, dtype=out.dtype, device=out.device)
+        return torch.cat([out.detach(), zeros], dim=1)
+
+
+def scriptable_shortcuts(module: nn.Module) -> int:
+    """Replace every ``functools.partial`` type-"A" shortcut under ``module`` by :class:`ZeroPadShortcut`; returns the count."""
+    count = 0
+    for block in module.modules():
+        down = getattr(block, "downsample", None)
+        if isinstance(down, functools.partial):
+            kw = down.keywords
+            block.downsample = ZeroPadShortcut(kw["planes"], kw["stride"], kw.get("spatial_dims", 3))
+            count += 1
+    return count
+
+
 def lvmmed_unet(
     init: str = "scratch",
     pretrained_path: str | Path | None = None,
@@ -119,7 +160,8 @@ def lvmmed_unet(
 
     The decoder widths (256, 128, 64, 32, 16) and nearest upsampling follow the U-Net of
     ``segmentation_models_pytorch`` that the reference uses. The forward returns one logits tensor
-    ``(B, out_channels, H, W)``.
+    ``(B, out_channels, H, W)``. ResNet-10/18/34 encoders get :func:`scriptable_shortcuts` (same
+    computation, TorchScript-compilable).
     """
     net = FlexibleUNet(
         in_channels=in_channels,
@@ -132,5 +174,6 @@ def lvmmed_unet(
         upsample=upsample,
         interp_mode=interp_mode,
     )
+    scriptable_shortcuts(net)
     init_encoder(net, init, pretrained_path)
     return net
