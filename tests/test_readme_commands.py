@@ -139,6 +139,22 @@ def _brain_tumor(d: Path) -> dict[str, str]:
             "--pretrained_path": str(d / "weights" / "lvmmed_resnet18.torch")}
 
 
+def _kvasir_seg(d: Path) -> dict[str, str]:
+    """The Kvasir-SEG twin and a stand-in encoder file (torchvision key layout, MONAI's ResNet-18 with "A" shortcuts)."""
+    import torch
+    from monai.networks.nets import ResNet
+
+    from custom_components.data.synthetic import write_kvasir_seg_twin
+
+    torch.manual_seed(6)
+    net = ResNet("basic", [2, 2, 2, 2], [64, 128, 256, 512], spatial_dims=2, n_input_channels=3, num_classes=1000,
+                 shortcut_type="A", bias_downsample=False)  # fmt: skip
+    (d / "weights").mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), d / "weights" / "lvmmed_resnet18.torch")
+    return {"--dataset_dir": str(write_kvasir_seg_twin(d / "kvasir_seg", n_images=12, size=48, seed=1)),
+            "--pretrained_path": str(d / "weights" / "lvmmed_resnet18.torch")}
+
+
 @dataclass(frozen=True)
 class Case:
     train_configs: tuple[str, ...]  # the training the README's first export command follows
@@ -204,6 +220,12 @@ CASES = {
     "lvmmed_cls_brain": Case(
         ("configs/train.json", "configs/demo.json"), ("configs/train.json",), "bundles/lvmmed_cls_brain",
         _brain_tumor, (2, 3, 32, 32), {"--image_size": 32, "--arch": "resnet18", "--batch_size": 8},
+    ),
+    # demo.json's ResNet-18 encoder and decoder widths at 32 px, so that train.json alone builds the same network
+    "lvmmed_seg2d_kvasir": Case(
+        ("configs/train.json", "configs/demo.json"), ("configs/train.json",), "bundles/lvmmed_seg2d_kvasir",
+        _kvasir_seg, (2, 3, 32, 32),
+        {"--image_size": 32, "--backbone": "resnet18", "--decoder_channels": [64, 32, 16, 16, 8], "--batch_size": 8},
     ),
 }  # fmt: skip
 
