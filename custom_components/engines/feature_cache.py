@@ -45,7 +45,8 @@ def _transform_description(dataset: Any) -> dict[str, Any]:
     if getattr(dataset, "transform", None) is not None:
         raise ValueError(
             f"{type(dataset).__name__} has a transform ({type(dataset.transform).__name__}): cached features need a "
-            "deterministic dataset without random augmentation (linear probe: augment false)"
+            "deterministic dataset without random augmentation (give the image dataset no transform; FGADR bundle: add "
+            "configs/dataset/fgadr_linear_probe.json)"
         )
     keys = ("image_size", "resize_mode", "resize_short", "normalize", "label_dtype")
     return {"class": type(dataset).__name__, "root": str(getattr(dataset, "root", "")),
