@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -297,3 +298,48 @@ def test_twin_written_as_jpeg_in_the_real_layout(brain):
     assert "Training/glioma/Tr-gl_0000.jpg" in names and "Testing/pituitary/Te-pi_0001.jpg" in names
     assert len(names) == 28
     assert json.dumps(brain_tumor_datalist(brain))  # serialisable
+
+
+# ----------------------------------------------------------------------------- bundle configs (parsed, not run)
+
+
+def _parsed(tmp_path, data, *configs, **overrides):
+    from monai.bundle import ConfigParser
+
+    from custom_components.data.class_folders import prepare_class_datalist
+
+    bundle = Path(__file__).resolve().parents[1] / "bundles" / "lvmmed_cls_brain" / "configs"
+    parser = ConfigParser()
+    parser.read_config([str(bundle / c) for c in ("train.json", *configs)])
+    parser.update({"bundle_root": str(tmp_path), "dataset_dir": str(data), "num_workers": 0, **overrides})
+    prepare_class_datalist(parser.get_parsed_content("dataset_name"), data, parser.get_parsed_content("datalist"),
+                           val_fraction=parser.get_parsed_content("val_fraction"))
+    return parser
+
+
+def test_fgadr_override_crops_randomly_in_training_and_centrally_at_test(tmp_path):
+    data = write_fgadr_twin(tmp_path / "fg", n_images=25, size=40, seed=0)
+    parser = _parsed(tmp_path, data, "dataset/fgadr.json", "head/fcns.json", image_size=24, resize_short=32)
+    train, val = parser.get_parsed_content("train#dataset"), parser.get_parsed_content("validate#dataset")
+    assert train[0]["image"].shape == val[0]["image"].shape == (3, 24, 24)
+    torch.manual_seed(0)
+    crops = {tuple(train[0]["image"][0, :2, :2].flatten().tolist()) for _ in range(6)}
+    assert len(crops) > 1  # random crops in training
+    assert torch.equal(val[0]["image"], val[0]["image"])  # deterministic at test
+    net = parser.get_parsed_content("network_def")
+    assert [m.out_features for m in net.head if isinstance(m, torch.nn.Linear)] == [512, 128, 5]
+    probe = _parsed(tmp_path / "p", data, "dataset/fgadr.json", "linear_probe.json", "dataset/fgadr_linear_probe.json",
+                    image_size=24, resize_short=32, arch="resnet18")  # fmt: skip
+    cached = probe.get_parsed_content("train#dataset")
+    assert isinstance(cached, CachedFeatureDataset) and cached.features.shape[1] == 512
+    assert probe.get_parsed_content("learning_rate") == 5e-4
+
+
+def test_linear_probe_config_trains_the_head_of_the_saved_network(tmp_path, brain):
+    parser = _parsed(tmp_path, brain, "demo.json", "linear_probe.json", image_size=32)
+    net = parser.get_parsed_content("network")
+    assert parser.get_parsed_content("train#trainer").network is net.head
+    assert parser.get_parsed_content("validate#evaluator").network is net.head
+    assert {id(p) for p in parser.get_parsed_content("optimizer").param_groups[0]["params"]} == {
+        id(p) for p in net.head.parameters()}
+    assert parser.get_parsed_content("validate#best_saver").network is net  # model.pt is the whole classifier
