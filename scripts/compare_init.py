@@ -76,12 +76,16 @@ def available_inits(bundle_dir: Path) -> list[str]:
     return [i for i in INIT_ORDER if i in found] + sorted(found - set(INIT_ORDER))
 
 
-def _run_one(bundle_dir: Path, run_dir: Path, init: str, seed: int, common: dict, demo: bool, profile: dict) -> None:
-    """Train (resuming an interrupted run) and evaluate one (init, seed) in one child process."""
+def _run_one(bundle_dir: Path, run_dir: Path, init: str, seed: int, common: dict, demo: bool, profile: dict,
+             train_extra: dict) -> None:  # fmt: skip
+    """Train (resuming an interrupted run) and evaluate one (init, seed) in one child process.
+
+    ``train_extra`` (the encoder file) goes to the training only: evaluation loads the trained weights.
+    """
     configs = ["configs/train.json"] + (["configs/demo.json"] if demo else []) + [f"configs/init/{init}.json"]
     base = {"bundle_root": str(run_dir), "seed": seed, **common}
     workflows = [
-        {"run_id": "training", "config_file": configs, "resume": True, **base},
+        {"run_id": "training", "config_file": configs, "resume": True, **base, **train_extra},
         {"run_id": "evaluating", "config_file": [*configs, *profile["evaluate"]], **base},
     ]
     cmd = [sys.executable, str(Path(__file__).resolve()), WORKFLOWS_FLAG, json.dumps(workflows)]
@@ -169,7 +173,7 @@ def compare(
                 start = time.time()
                 print(f"[{name}] {init} seed {seed} ...", flush=True)
                 extra = {"pretrained_path": str(Path(files[init]).resolve())} if files.get(init) else {}
-                _run_one(bundle_dir, run_dir, init, seed, {**common, **extra}, demo, profile)
+                _run_one(bundle_dir, run_dir, init, seed, common, demo, profile, extra)
                 print(f"[{name}] {init} seed {seed} done in {time.time() - start:.0f} s", flush=True)
             results.setdefault(init, []).append(_read_results(metrics_file, profile["metrics"]))
 
