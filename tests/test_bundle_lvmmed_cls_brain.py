@@ -1,12 +1,12 @@
 """End-to-end checks of bundles/lvmmed_cls_brain on a tiny Brain Tumor MRI-format twin.
 
-Covers: demo training 1 epoch (checkpoints, TensorBoard scalars and the labelled example panel),
-evaluation (metrics JSON + per-class table), inference (probability CSV), the linear probe on cached
-features from an LVM-Med file written by a MONAI ResNet (tensor count logged, encoder unchanged,
-cache reused by a second run), torchrun with 2 CPU processes, resume after a killed training and the
-refusal of a resume with other settings, verify_metadata / verify_net_in_out, ckpt_export (TorchScript
-equals eager), and one clear line for an empty class folder. Commands other than torchrun run in
-forks of one interpreter (``bundle_utils.ForkedPython``).
+Covers: a 2-epoch demo training killed after its first checkpoint, refused with other settings and
+resumed (checkpoints, TensorBoard scalars and the labelled example panel), evaluation (metrics JSON +
+per-class table), inference (probability CSV), the linear probe on cached features from an LVM-Med
+file written by a MONAI ResNet (tensor count logged, encoder unchanged, cache reused by a second
+run), torchrun with 2 CPU processes, verify_metadata / verify_net_in_out, ckpt_export (TorchScript
+equals eager), and one clear line for an empty class folder. Commands other than torchrun and the
+killed training run in forks of one interpreter (``bundle_utils.ForkedPython``).
 """
 
 from __future__ import annotations
@@ -54,15 +54,25 @@ def twin(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, twin, python) -> Path:
+def interrupted(tmp_path_factory, twin, python) -> dict:
+    """A 2-epoch demo training killed after its first checkpoint, a refused rerun with another learning
+    rate, then the rerun that resumes it; the trained bundle root serves the other tests."""
     root = tmp_path_factory.mktemp("root")
-    python.run(cmd("training", root, twin, args=["--num_epochs", "1"]), cwd=BUNDLE)
-    return root
+    command = cmd("training", root, twin, args=["--num_epochs", "2", "--batch_size", "4"])
+    killed = kill_once_checkpointed([sys.executable, *command[1:]], BUNDLE, root / "models" / "last.pt", 2)
+    refused = python.run([*command, "--learning_rate", "0.01"], cwd=BUNDLE, check=False)
+    resumed = python.run(command, cwd=BUNDLE)
+    return {"root": root, "killed": killed, "refused": refused, "resumed": resumed}
+
+
+@pytest.fixture(scope="module")
+def trained(interrupted) -> Path:
+    return interrupted["root"]
 
 
 def test_training_outputs_and_tensorboard(trained):
     last = load_checkpoint(trained / "models" / "last.pt")
-    assert last["trainer"]["epoch"] == 1 and set(last) >= {"network", "optimizer", "best", "trainer"}
+    assert last["trainer"]["epoch"] == 2 and set(last) >= {"network", "optimizer", "best", "trainer"}
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(trained / "eval" / "tensorboard"), size_guidance={"images": 0}).Reload()
@@ -140,15 +150,13 @@ def test_torchrun_two_cpu_processes(tmp_path, twin):
     torchrun_trains_one_epoch(command, BUNDLE, tmp_path / "models", tmp_path / "eval" / "tensorboard", 29547)
 
 
-def test_killed_training_resumes_and_other_settings_are_refused(tmp_path, twin, python):
-    command = cmd("training", tmp_path, twin, args=["--num_epochs", "2", "--batch_size", "4"])
-    killed = kill_once_checkpointed([sys.executable, *command[1:]], BUNDLE, tmp_path / "models" / "last.pt", 2)
-    refused = python.run([*command, "--learning_rate", "0.01"], cwd=BUNDLE, check=False)
+def test_killed_training_resumes_and_other_settings_are_refused(interrupted):
+    refused = interrupted["refused"]
     assert refused.returncode == 2 and "was trained with other settings" in refused.stderr
     assert "learning_rate" in refused.stderr and "Traceback" not in refused.stderr
-    resumed = python.run(command, cwd=BUNDLE)
-    assert f"at epoch {killed['trainer']['epoch']}" in resumed.stdout + resumed.stderr
-    final = load_checkpoint(tmp_path / "models" / "last.pt")
+    resumed = interrupted["resumed"]
+    assert f"at epoch {interrupted['killed']['trainer']['epoch']}" in resumed.stdout + resumed.stderr
+    final = load_checkpoint(interrupted["root"] / "models" / "last.pt")
     assert final["trainer"]["epoch"] == 2
     assert final["trainer"]["iteration"] == 2 * final["trainer"]["epoch_length"]
 
