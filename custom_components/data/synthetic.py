@@ -878,3 +878,86 @@ def write_busi_twin(root: str | os.PathLike, n_per_class: int = 4, size: int = 9
                 suffix = "_mask" if k == 0 else f"_mask_{k}"
                 Image.fromarray(lesion.astype(np.uint8) * 255).save(folder / f"{stem}{suffix}.png")
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# MM-WHS (CT / MR whole heart) format twin
+# --------------------------------------------------------------------------------------------
+
+#: (label value, centre (x, y, z) in [-1, 1], semi-axes) of the twin's heart structures; the left
+#: atrium (420) spans the middle third of the slices only, so slices without it exist
+_MMWHS_STRUCTURES = (
+    (500, (0.15, 0.1, 0.0), (0.22, 0.2, 0.55)),  # LV blood cavity (inside the myocardium)
+    (205, (0.15, 0.1, 0.0), (0.3, 0.28, 0.62)),  # LV myocardium: the shell around it
+    (600, (-0.3, 0.15, 0.0), (0.18, 0.22, 0.5)),  # RV blood cavity
+    (420, (0.2, -0.35, 0.0), (0.16, 0.14, 0.3)),  # LA blood cavity
+    (550, (-0.3, -0.3, 0.05), (0.15, 0.15, 0.45)),  # RA blood cavity
+    (820, (0.0, -0.05, 0.6), (0.1, 0.1, 0.45)),  # ascending aorta
+    (850, (-0.1, 0.45, 0.55), (0.1, 0.12, 0.4)),  # pulmonary artery
+)
+
+
+def _mmwhs_case(rng: np.random.Generator, shape: tuple[int, int, int], modality: str) -> tuple[np.ndarray, np.ndarray]:
+    x, y, z = _grid(shape)
+    label = np.zeros(shape, np.uint16)
+    shift = rng.uniform(-0.08, 0.08, 3)
+    for value, centre, axes in _MMWHS_STRUCTURES[::-1]:  # outer shells first, cavities over them
+        c = np.asarray(centre) + shift
+        inside = ((x - c[0]) / axes[0]) ** 2 + ((y - c[1]) / axes[1]) ** 2 + ((z - c[2]) / axes[2]) ** 2 <= 1
+        label[inside & ((label == 0) | (value == 500))] = value
+    body = np.broadcast_to((x / 0.95) ** 2 + (y / 0.9) ** 2 <= 1, shape)
+    if modality == "ct":  # Hounsfield units: air, soft tissue, myocardium, contrast-filled blood
+        base = {0: 40.0, 205: 120.0}
+        img = np.where(body, base[0], -900.0).astype(np.float32)
+        blood = 320.0
+    else:  # arbitrary MR units, bright blood
+        base = {0: 180.0, 205: 260.0}
+        img = np.where(body, base[0], 5.0).astype(np.float32)
+        blood = 700.0
+    img[label == 205] = base[205]
+    img[(label != 0) & (label != 205)] = blood
+    img += _smooth_noise(rng, shape, 25.0) + rng.normal(0, 12.0, shape).astype(np.float32)
+    return img, label
+
+
+def write_mmwhs_twin(
+    root: str | os.PathLike,
+    n_per_split: Sequence[int] = (3, 1, 1),
+    shape: Sequence[int] = (96, 96, 40),
+    seed: int = 0,
+    modality: str = "ct",
+    case_ids: Sequence[str] | None = None,
+) -> Path:
+    """Write an MM-WHS twin ``<root>/<modality>_train/<modality>_train_NNNN_{image,label}.nii.gz``.
+
+    Labels carry the real MM-WHS values (0, 205 LV myocardium, 420 LA, 500 LV, 550 RA, 600 RV,
+    820 ascending aorta, 850 pulmonary artery) as uint16; the left atrium spans only part of the
+    slices. Images are int16 (CT: HU-like, MR: arbitrary units, bright blood). Each volume has an
+    oblique, non-identity affine (rotation about z, anisotropic spacing, an origin) shared by image
+    and label. Without ``case_ids`` the first ``n_per_split`` cases of the training / validation /
+    test lists of ``data_lists/mmwhs_<modality>.json`` are written. Deterministic from ``seed``.
+    Returns ``root``.
+    """
+    if modality not in ("ct", "mr"):
+        raise ValueError(f"modality must be 'ct' or 'mr', got {modality!r}")
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3 or min(shape) < 8:
+        raise ValueError(f"shape must be 3 sizes >= 8, got {shape}")
+    ids = list(case_ids) if case_ids is not None else _default_ids(f"mmwhs_{modality}", n_per_split)
+    out = Path(root) / f"{modality}_train"
+    out.mkdir(parents=True, exist_ok=True)
+    for case in ids:
+        n = int(case.rsplit("_", 1)[-1])
+        rng = np.random.default_rng([seed, n, 0 if modality == "ct" else 1])
+        img, label = _mmwhs_case(rng, shape, modality)
+        angle = rng.uniform(-0.4, 0.4)
+        spacing = np.array([rng.uniform(0.3, 0.5), rng.uniform(0.3, 0.5), rng.uniform(0.4, 1.6)]) * (
+            1.0 if modality == "ct" else 2.5
+        )
+        rot = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+        affine = np.eye(4)
+        affine[:3, :3] = rot @ np.diag(spacing)
+        affine[:3, 3] = rng.uniform(-120, 120, 3)
+        nib.save(_nifti(np.rint(img).astype(np.int16), affine), out / f"{case}_image.nii.gz")
+        nib.save(_nifti(label, affine), out / f"{case}_label.nii.gz")
+    return Path(root)
