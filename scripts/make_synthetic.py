@@ -24,6 +24,8 @@ thick-slice scan ``--shape 40,32,9 --spacing 0.9,0.9,6.5``; the defaults are tho
     python scripts/make_synthetic.py fgadr --output_dir D [--n_images 25] [--size 256] [--seed 0]
     python scripts/make_synthetic.py kvasir_seg --output_dir D [--n_images 20] [--size 160] [--seed 0]
     python scripts/make_synthetic.py busi --output_dir D [--n_per_class 4] [--size 96] [--seed 0]
+    python scripts/make_synthetic.py mmwhs --output_dir D [--n_per_split 3,1,1] [--shape 96,96,40] [--seed 0]
+        [--modality ct|mr]
 """
 
 from __future__ import annotations
@@ -225,6 +227,20 @@ def busi(output_dir: str, n_per_class: int = 4, size: int = 96, seed: int = 0) -
 
 
 COMMANDS.update({"kvasir_seg": kvasir_seg, "busi": busi})
+
+
+def mmwhs(output_dir: str, n_per_split: str | Sequence[int] = (3, 1, 1), shape: str | Sequence[int] = (96, 96, 40),
+          seed: int = 0, modality: str = "ct") -> str:
+    """MM-WHS twin: ``<output_dir>/<modality>_train/<modality>_train_NNNN_{image,label}.nii.gz`` (real label values)."""
+    from custom_components.data.synthetic import write_mmwhs_twin
+
+    root = write_mmwhs_twin(output_dir, n_per_split=parse_ints(n_per_split), shape=parse_ints(shape), seed=int(seed),
+                            modality=str(modality))
+    print(root)
+    return str(root)
+
+
+COMMANDS.update({"mmwhs": mmwhs})
 
 
 def main(argv: list[str] | None = None) -> int:
