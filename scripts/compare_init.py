@@ -42,19 +42,22 @@ from custom_components.handlers.report import format_mean_std, markdown_table  #
 from custom_components.io import InputDataError, atomic_write_text  # noqa: E402
 from custom_components.runs import check_override_ids  # noqa: E402
 
-#: per bundle: the metrics file (under the run's bundle root) and its keys to tabulate, and the
-#: configs of the evaluation merged after the training's
+#: per bundle: the metrics file (under the run's bundle root) and its keys to tabulate, the configs
+#: of the evaluation merged after the training's, and the ids of folders all runs share (relative
+#: to ``--output_dir``; e.g. the prepared data store)
 PROFILES: dict[str, dict] = {
     "lvmmed_seg2d_kvasir": {
         "metrics_file": "eval/metrics_test.json",
         "metrics": ("dice", "iou"),
         "evaluate": ("configs/evaluate.json",),
+        "shared": {"prepared_dir": "prepared"},
         "what": "Dice and IoU of the polyp class, per test image then mean",
     },
     "lvmmed_cls_brain": {
         "metrics_file": "eval/metrics_test.json",
         "metrics": ("accuracy", "macro_f1", "macro_auroc"),
         "evaluate": ("configs/evaluate.json",),
+        "shared": {},
         "what": "accuracy, macro F1 and macro AUROC on the test split",
     },
 }
@@ -158,8 +161,8 @@ def compare(
     out = Path(output_dir) if output_dir else REPO / "runs" / f"compare_init_{name}"
     # a misspelt option stops here, before any run, rather than in every run's log
     check_override_ids([bundle_dir / "configs" / c for c in ("train.json", "demo.json", "evaluate.json")], overrides)
-    common = {"dataset_dir": str(Path(dataset_dir).resolve()), "prepared_dir": str((out / "prepared").resolve()),
-              **overrides}  # fmt: skip
+    shared = {k: str((out / v).resolve()) for k, v in profile.get("shared", {}).items()}
+    common = {"dataset_dir": str(Path(dataset_dir).resolve()), **shared, **overrides}
 
     results: dict[str, list[dict[str, float]]] = {}
     for init in chosen:
