@@ -155,6 +155,23 @@ def _kvasir_seg(d: Path) -> dict[str, str]:
             "--pretrained_path": str(d / "weights" / "lvmmed_resnet18.torch")}
 
 
+
+def _mmwhs(d: Path) -> dict[str, str]:
+    """MM-WHS CT and MR twins in one folder and a stand-in encoder file (MONAI's ResNet-18, RGB stem, torchvision keys)."""
+    import torch
+    from monai.networks.nets import ResNet
+
+    from custom_components.data.synthetic import write_mmwhs_twin
+
+    torch.manual_seed(7)
+    net = ResNet("basic", [2, 2, 2, 2], [64, 128, 256, 512], spatial_dims=2, n_input_channels=3, num_classes=1000,
+                 shortcut_type="A", bias_downsample=False)  # fmt: skip
+    (d / "weights").mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), d / "weights" / "lvmmed_resnet18.torch")
+    for modality in ("ct", "mr"):
+        write_mmwhs_twin(d / "mmwhs", n_per_split=(2, 1, 1), shape=(24, 24, 8), seed=1, modality=modality)
+    return {"--dataset_dir": str(d / "mmwhs"), "--pretrained_path": str(d / "weights" / "lvmmed_resnet18.torch")}
+
 @dataclass(frozen=True)
 class Case:
     train_configs: tuple[str, ...]  # the training the README's first export command follows
@@ -225,6 +242,12 @@ CASES = {
     "lvmmed_seg2d_kvasir": Case(
         ("configs/train.json", "configs/demo.json"), ("configs/train.json",), "bundles/lvmmed_seg2d_kvasir",
         _kvasir_seg, (2, 3, 32, 32),
+        {"--image_size": 32, "--backbone": "resnet18", "--decoder_channels": [64, 32, 16, 16, 8], "--batch_size": 8},
+    ),
+    # demo.json's ResNet-18 encoder and decoder widths at 32 px; one grey input channel, 8 classes
+    "lvmmed_seg3d_mmwhs": Case(
+        ("configs/train.json", "configs/demo.json"), ("configs/train.json",), "bundles/lvmmed_seg3d_mmwhs",
+        _mmwhs, (2, 1, 32, 32),
         {"--image_size": 32, "--backbone": "resnet18", "--decoder_channels": [64, 32, 16, 16, 8], "--batch_size": 8},
     ),
 }  # fmt: skip
