@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import nibabel as nib
@@ -197,3 +198,32 @@ def test_prediction_writer_puts_classes_on_the_label_grid(twin, store, tmp_path)
     # 16 px store, 24 x 20 source: nearest down and up again loses thin parts only
     assert (pred == seg).mean() > 0.8
     assert "ct_train_1002_pred.nii.gz" in (tmp_path / "p.csv").read_text()
+
+
+def test_reference_frame_split_to_volumes_and_script(tmp_path, twin):
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import prepare_mmwhs
+
+    from custom_components.data.splits import set_sizes
+
+    assert set_sizes(20, mmwhs.SPLIT_RATIOS) == (13, 3, 4)
+    ref = {"train": ["ct_train_1020_image_frame_32.png", "ct_train_1006_image_frame_21.png", "ct_train_1020_image_frame_3.png"],
+           "val": ["ct_train_1004_image_frame_1.png"], "test": ["ct_train_1019_label_frame_98.png"]}
+    path = tmp_path / "MMWHS_CT_Heart.json"
+    path.write_text(json.dumps(ref))
+    assert mmwhs.reference_split_volumes(path) == {
+        "training": ["ct_train_1006", "ct_train_1020"], "validation": ["ct_train_1004"], "test": ["ct_train_1019"]}
+    out = tmp_path / "mmwhs_ct.json"
+    assert prepare_mmwhs.main(["split_from_reference", "--split_json", str(path), "--out", str(out)]) == 0
+    assert load_split(out) == mmwhs.reference_split_volumes(path)
+    ref["test"].append("ct_train_1006_image_frame_2.png")
+    path.write_text(json.dumps(ref))
+    with pytest.raises(InputDataError, match="ct_train_1006 has frames in both 'training' and 'test'"):
+        mmwhs.reference_split_volumes(path)
+    store = tmp_path / "store"
+    assert prepare_mmwhs.main(["prepare", "--dataset_dir", str(twin), "--output_dir", str(store), "--image_size", "16",
+                               "--progress", "False", "--split", "random"]) == 0  # fmt: skip
+    assert sorted(c for v in load_split(store / "split.json").values() for c in v) == sorted(
+        mmwhs.find_cases(twin, "ct"))

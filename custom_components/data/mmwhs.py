@@ -48,13 +48,14 @@ from custom_components.data.brats20 import _open, _read
 from custom_components.data.scan_grid import source_grid
 from custom_components.data.seg2d import INPUT_SCALINGS, scale_input
 from custom_components.data.slice_store import SliceDataset
-from custom_components.data.splits import DEFAULT_RATIOS, choose_split
+from custom_components.data.splits import choose_split
 from custom_components.data.store import prepare_store, write_case
 from custom_components.io import InputDataError
 
 __all__ = [
     "LABEL_VALUES",
     "MODALITIES",
+    "SPLIT_RATIOS",
     "STRUCTURES",
     "TARGET_CLASS",
     "MMWHSSlices",
@@ -66,6 +67,7 @@ __all__ = [
     "normalise_intensity",
     "positive_items",
     "prepare_mmwhs",
+    "reference_split_volumes",
     "unmap_labels",
 ]
 
@@ -78,6 +80,8 @@ STRUCTURES: tuple[str, ...] = (
 #: the class the paper reports (label 420, left-atrium blood cavity)
 TARGET_CLASS = 2
 MODALITIES: tuple[str, ...] = ("ct", "mr")
+#: random-split proportions giving the reference's 13 / 3 / 4 of 20 volumes
+SPLIT_RATIOS: tuple[float, float, float] = (0.65, 0.15, 0.2)
 FORMAT_VERSION = 1
 _CHUNK = 32
 
@@ -223,7 +227,7 @@ def prepare_mmwhs(
     cases: Iterable[str] | None = None,
     overwrite: bool = False,
     progress: bool = True,
-    split_ratios: str | Sequence[float] = DEFAULT_RATIOS,
+    split_ratios: str | Sequence[float] = SPLIT_RATIOS,
     split_seed: int = 0,
 ) -> Path:
     """Prepare MM-WHS volumes of ``modality`` into a slice store and write ``<output_dir>/datalist.json``.
@@ -336,3 +340,40 @@ def positive_items(dataset: MMWHSSlices, n: int = 4) -> list[dict]:
         return []
     picks = candidates[np.linspace(0, candidates.size - 1, min(int(n), candidates.size)).round().astype(int)]
     return [dataset[int(i)] for i in dict.fromkeys(picks.tolist())]
+
+
+_FRAME_RE = re.compile(r"^((?:ct|mr)_train_\d+)_(?:image|label)_frame_\d+\.png$")
+_REFERENCE_KEYS = {"train": "training", "training": "training", "val": "validation", "valid": "validation",
+                   "validation": "validation", "test": "test"}
+
+
+def reference_split_volumes(split_json: str | os.PathLike) -> dict[str, list[str]]:
+    """Volume IDs per set of the reference's slice-level split (``files_split/MMWHS_{CT,MR}_Heart.json``).
+
+    The reference lists PNG frames (``ct_train_1020_image_frame_32.png``, label frames alike) per
+    set; a volume is in the set its frames are in (a volume in two sets is an error). Sets are
+    renamed ``training`` / ``validation`` / ``test``; IDs are sorted.
+    """
+    path = Path(split_json)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise InputDataError(path, f"cannot read split JSON ({type(e).__name__}: {e})") from e
+    if not isinstance(data, dict):
+        raise InputDataError(path, "expected a JSON object mapping set names to lists of frame names")
+    out: dict[str, set[str]] = {}
+    for key, names in data.items():
+        if key not in _REFERENCE_KEYS or not isinstance(names, list):
+            raise InputDataError(path, f"unexpected set {key!r} (expected lists under {sorted(_REFERENCE_KEYS)})")
+        for name in names:
+            m = _FRAME_RE.match(Path(str(name)).name)
+            if not m:
+                raise InputDataError(path, f"set {key!r}: {name!r} is not an MM-WHS frame name (<case>_image_frame_N.png)")
+            out.setdefault(_REFERENCE_KEYS[key], set()).add(m.group(1))
+    seen: dict[str, str] = {}
+    for key, ids in out.items():
+        for case in ids:
+            if case in seen and seen[case] != key:
+                raise InputDataError(path, f"volume {case} has frames in both {seen[case]!r} and {key!r}")
+            seen[case] = key
+    return {k: sorted(out[k]) for k in ("training", "validation", "test") if k in out}
