@@ -86,7 +86,7 @@ def test_logits_unchanged_by_loading_own_weights(tmp_path):
     net = _unet().eval()
     path = tmp_path / "enc.pt"
     torch.save(net.encoder.state_dict(), path)
-    x = torch.randn(2, 3, 64, 64)
+    x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         before = net(x)
     other = _unet().eval()
@@ -150,8 +150,8 @@ def test_init_arguments(tmp_path, r18_file):
 
 
 def test_unet_forward_is_one_tensor():
-    out = _unet()(torch.zeros(1, 3, 64, 64))
-    assert isinstance(out, torch.Tensor) and out.shape == (1, 2, 64, 64)
+    out = _unet()(torch.zeros(1, 3, 32, 32))
+    assert isinstance(out, torch.Tensor) and out.shape == (1, 2, 32, 32)
 
 
 def test_scriptable_shortcuts_compute_what_monai_computes():
@@ -164,9 +164,12 @@ def test_scriptable_shortcuts_compute_what_monai_computes():
     net = _unet().eval()
     net.load_state_dict(ref.state_dict())
     assert sum(isinstance(m, ZeroPadShortcut) for m in net.modules()) == 3  # layers 2-4
-    x = torch.randn(2, 3, 64, 64)
-    scripted = torch.jit.script(net)
+    x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(net(x), ref(x), rtol=0, atol=0)
-        torch.testing.assert_close(scripted(torch.randn(1, 3, 32, 32)).shape, torch.Size([1, 2, 32, 32]))
-        torch.testing.assert_close(scripted(x), ref(x), rtol=1e-5, atol=1e-5)
+    # TorchScript compiles the module (MONAI's functools.partial it cannot): the shortcut alone here,
+    # the whole network in the bundle test's ckpt_export
+    scripted = torch.jit.script(ZeroPadShortcut(8, 2))
+    y = torch.randn(1, 4, 6, 6)
+    expected = torch.cat([y[:, :, ::2, ::2], torch.zeros(1, 4, 3, 3)], 1)
+    torch.testing.assert_close(scripted(y), expected, rtol=0, atol=0)
