@@ -150,7 +150,7 @@ def test_init_arguments(tmp_path, r18_file):
 
 
 def test_unet_forward_is_one_tensor():
-    out = _unet()(torch.zeros(1, 3, 32, 32))
+    out = _unet().eval()(torch.zeros(1, 3, 32, 32))
     assert isinstance(out, torch.Tensor) and out.shape == (1, 2, 32, 32)
 
 
