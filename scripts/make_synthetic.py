@@ -20,6 +20,12 @@ thick-slice scan ``--shape 40,32,9 --spacing 0.9,0.9,6.5``; the defaults are tho
         [--size 256,320] [--with_masks True] [--seed 0]
     python scripts/make_synthetic.py nihcxr14 --output_dir D [--n_images 32] [--size 128] [--seed 0]
         [--n_patients 10] [--layout images|batches] [--data_entry 2017|v2020]
+    python scripts/make_synthetic.py brain_tumor --output_dir D [--n_per_class 8,3] [--size 256] [--seed 0]
+    python scripts/make_synthetic.py fgadr --output_dir D [--n_images 25] [--size 256] [--seed 0]
+    python scripts/make_synthetic.py kvasir_seg --output_dir D [--n_images 20] [--size 160] [--seed 0]
+    python scripts/make_synthetic.py busi --output_dir D [--n_per_class 4] [--size 96] [--seed 0]
+    python scripts/make_synthetic.py mmwhs --output_dir D [--n_per_split 3,1,1] [--shape 96,96,40] [--seed 0]
+        [--modality ct|mr]
 """
 
 from __future__ import annotations
@@ -177,6 +183,64 @@ def vit_checkpoints(
 
 COMMANDS = {"brats20": brats20, "lits17": lits17, "medmnist2d": medmnist2d, "medmnist3d": medmnist3d,
             "kvasir": kvasir, "mura": mura, "nihcxr14": nihcxr14, "vit_checkpoints": vit_checkpoints}
+
+
+def brain_tumor(output_dir: str, n_per_class: str | Sequence[int] = (8, 3), size: int = 256, seed: int = 0) -> str:
+    """Brain Tumor MRI twin: ``<output_dir>/{Training,Testing}/<class>/*.jpg`` (4 classes)."""
+    from custom_components.data.synthetic import write_brain_tumor_twin
+
+    root = write_brain_tumor_twin(output_dir, n_per_class=parse_ints(n_per_class), size=int(size), seed=int(seed))
+    print(root)
+    return str(root)
+
+
+def fgadr(output_dir: str, n_images: int = 25, size: int = 256, seed: int = 0) -> str:
+    """FGADR Seg-set twin: ``<output_dir>/Original_Images/*.png`` + ``DR_Seg_Grading_Label.csv``."""
+    from custom_components.data.synthetic import write_fgadr_twin
+
+    root = write_fgadr_twin(output_dir, n_images=int(n_images), size=int(size), seed=int(seed))
+    print(root)
+    return str(root)
+
+
+COMMANDS.update({"brain_tumor": brain_tumor, "fgadr": fgadr})
+
+
+def kvasir_seg(output_dir: str, n_images: int = 20, size: str | int | Sequence[int] = 160, seed: int = 0) -> str:
+    """Kvasir-SEG twin: ``<output_dir>/images/<id>.jpg`` + ``masks/<id>.jpg`` (JPEG masks)."""
+    from custom_components.data.synthetic import write_kvasir_seg_twin
+
+    sizes = parse_ints(size)
+    root = write_kvasir_seg_twin(output_dir, n_images=int(n_images), size=sizes[0] if len(sizes) == 1 else sizes,
+                                 seed=int(seed))
+    print(root)
+    return str(root)
+
+
+def busi(output_dir: str, n_per_class: int = 4, size: int = 96, seed: int = 0) -> str:
+    """BUSI twin: ``<output_dir>/<class>/<class> (i).png`` + ``_mask.png`` (+ ``_mask_1.png``)."""
+    from custom_components.data.synthetic import write_busi_twin
+
+    root = write_busi_twin(output_dir, n_per_class=int(n_per_class), size=int(size), seed=int(seed))
+    print(root)
+    return str(root)
+
+
+COMMANDS.update({"kvasir_seg": kvasir_seg, "busi": busi})
+
+
+def mmwhs(output_dir: str, n_per_split: str | Sequence[int] = (3, 1, 1), shape: str | Sequence[int] = (96, 96, 40),
+          seed: int = 0, modality: str = "ct") -> str:
+    """MM-WHS twin: ``<output_dir>/<modality>_train/<modality>_train_NNNN_{image,label}.nii.gz`` (real label values)."""
+    from custom_components.data.synthetic import write_mmwhs_twin
+
+    root = write_mmwhs_twin(output_dir, n_per_split=parse_ints(n_per_split), shape=parse_ints(shape), seed=int(seed),
+                            modality=str(modality))
+    print(root)
+    return str(root)
+
+
+COMMANDS.update({"mmwhs": mmwhs})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,6 +21,9 @@ pytestmark = pytest.mark.slow
 
 def _twin(bundle: str, root: Path) -> tuple[Path, dict]:
     """The bundle's format twin and the tiny overrides its tests use."""
+    if bundle == "lvmmed_cls_brain":
+        data = synthetic.write_brain_tumor_twin(root, n_per_class=(4, 1), size=32, seed=1)
+        return data, {"image_size": 32, "arch": "resnet18", "batch_size": 4}
     if bundle.startswith("lgmvit"):
         make = synthetic.write_brats20_twin if bundle == "lgmvit_brats20" else synthetic.write_lits17_twin
         data = make(root, n_per_split=(2, 1, 1), shape=(32, 32, 8), seed=1)
@@ -34,6 +37,10 @@ def _twin(bundle: str, root: Path) -> tuple[Path, dict]:
     if bundle == "medvit3d_medmnist3d":
         synthetic.write_medmnist3d_twin(root / "organmnist3d.npz", name="organmnist3d", n=(6, 3, 3), size=28, seed=3)
         return root, {"batch_size": 4}
+    if bundle == "lvmmed_seg2d_kvasir":
+        return synthetic.write_kvasir_seg_twin(root / "kvasir_seg", n_images=10, size=48, seed=1), {"image_size": 32}
+    if bundle == "lvmmed_seg3d_mmwhs":
+        return synthetic.write_mmwhs_twin(root / "mmwhs", n_per_split=(2, 1, 1), shape=(24, 24, 8), seed=1), {"image_size": 32}
     small = {"image_size": 32, "resize_short": 36, "network_def#patch_size": 8}
     if bundle == "vit_attention_maps_kvasir":
         return synthetic.write_kvasir_twin(root / "kvasir", n_per_class=4, size=(80, 64), seed=1), small

@@ -123,6 +123,55 @@ def _nihcxr14(d: Path) -> dict[str, str]:
     return {"--dataset_dir": str(write_nihcxr14_twin(d, n_images=32, size=48, seed=1))}
 
 
+def _brain_tumor(d: Path) -> dict[str, str]:
+    """The Brain Tumor MRI twin and a stand-in LVM-Med file (torchvision layout, written from MONAI's ResNet-18)."""
+    import torch
+
+    from custom_components.data.synthetic import write_brain_tumor_twin
+    from custom_components.networks.ham import DilatedResNet
+
+    torch.manual_seed(5)
+    state = {**DilatedResNet("resnet18", output_stride=32, dilation=False).state_dict(),
+             "fc.weight": torch.zeros(1000, 512), "fc.bias": torch.zeros(1000)}
+    (d / "weights").mkdir(parents=True, exist_ok=True)
+    torch.save(state, d / "weights" / "lvmmed_resnet18.torch")
+    return {"--dataset_dir": str(write_brain_tumor_twin(d / "brain", n_per_class=(8, 2), size=40, seed=1)),
+            "--pretrained_path": str(d / "weights" / "lvmmed_resnet18.torch")}
+
+
+def _kvasir_seg(d: Path) -> dict[str, str]:
+    """The Kvasir-SEG twin and a stand-in encoder file (torchvision key layout, MONAI's ResNet-18 with "A" shortcuts)."""
+    import torch
+    from monai.networks.nets import ResNet
+
+    from custom_components.data.synthetic import write_kvasir_seg_twin
+
+    torch.manual_seed(6)
+    net = ResNet("basic", [2, 2, 2, 2], [64, 128, 256, 512], spatial_dims=2, n_input_channels=3, num_classes=1000,
+                 shortcut_type="A", bias_downsample=False)  # fmt: skip
+    (d / "weights").mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), d / "weights" / "lvmmed_resnet18.torch")
+    return {"--dataset_dir": str(write_kvasir_seg_twin(d / "kvasir_seg", n_images=12, size=48, seed=1)),
+            "--pretrained_path": str(d / "weights" / "lvmmed_resnet18.torch")}
+
+
+
+def _mmwhs(d: Path) -> dict[str, str]:
+    """MM-WHS CT and MR twins in one folder and a stand-in encoder file (MONAI's ResNet-18, RGB stem, torchvision keys)."""
+    import torch
+    from monai.networks.nets import ResNet
+
+    from custom_components.data.synthetic import write_mmwhs_twin
+
+    torch.manual_seed(7)
+    net = ResNet("basic", [2, 2, 2, 2], [64, 128, 256, 512], spatial_dims=2, n_input_channels=3, num_classes=1000,
+                 shortcut_type="A", bias_downsample=False)  # fmt: skip
+    (d / "weights").mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), d / "weights" / "lvmmed_resnet18.torch")
+    for modality in ("ct", "mr"):
+        write_mmwhs_twin(d / "mmwhs", n_per_split=(2, 1, 1), shape=(24, 24, 8), seed=1, modality=modality)
+    return {"--dataset_dir": str(d / "mmwhs"), "--pretrained_path": str(d / "weights" / "lvmmed_resnet18.torch")}
+
 @dataclass(frozen=True)
 class Case:
     train_configs: tuple[str, ...]  # the training the README's first export command follows
@@ -183,6 +232,23 @@ CASES = {
         _mura, (2, 3, 32, 32), VIT_SMALL, "scripts/demo_attention_maps.sh",
         ("\"'configs/train.json','configs/init/$init.json','configs/demo.json'\"", "/demo/attention_maps_$DATASET}",
          'ROOT=$DEMO_DIR/bundle'),
+    ),
+    # demo.json's ResNet-18 at 32 px, so that train.json alone builds the same small network
+    "lvmmed_cls_brain": Case(
+        ("configs/train.json", "configs/demo.json"), ("configs/train.json",), "bundles/lvmmed_cls_brain",
+        _brain_tumor, (2, 3, 32, 32), {"--image_size": 32, "--arch": "resnet18", "--batch_size": 8},
+    ),
+    # demo.json's ResNet-18 encoder and decoder widths at 32 px, so that train.json alone builds the same network
+    "lvmmed_seg2d_kvasir": Case(
+        ("configs/train.json", "configs/demo.json"), ("configs/train.json",), "bundles/lvmmed_seg2d_kvasir",
+        _kvasir_seg, (2, 3, 32, 32),
+        {"--image_size": 32, "--backbone": "resnet18", "--decoder_channels": [64, 32, 16, 16, 8], "--batch_size": 8},
+    ),
+    # demo.json's ResNet-18 encoder and decoder widths at 32 px; one grey input channel, 8 classes
+    "lvmmed_seg3d_mmwhs": Case(
+        ("configs/train.json", "configs/demo.json"), ("configs/train.json",), "bundles/lvmmed_seg3d_mmwhs",
+        _mmwhs, (2, 1, 32, 32),
+        {"--image_size": 32, "--backbone": "resnet18", "--decoder_channels": [64, 32, 16, 16, 8], "--batch_size": 8},
     ),
 }  # fmt: skip
 

@@ -717,3 +717,247 @@ def write_nihcxr14_twin(
 
 
 __all__ += ["write_nihcxr14_twin"]
+
+
+_BRAIN_PREFIX = {"glioma": "gl", "meningioma": "me", "notumor": "no", "pituitary": "pi"}
+
+
+def write_brain_tumor_twin(root: str | os.PathLike, n_per_class: int | Sequence[int] = (8, 3),
+                           size: int | Sequence[int] = 64, seed: int = 0) -> Path:
+    """Brain Tumor MRI (Kaggle) twin: ``<root>/{Training,Testing}/<class>/{Tr,Te}-<xx>_<NNNN>.jpg``.
+
+    Classes ``glioma``, ``meningioma``, ``notumor``, ``pituitary``; ``n_per_class`` = (per class in
+    Training, per class in Testing) or one number for both. ``size`` = side or (width, height).
+    A grey elliptic "head" with smooth noise; the tumour is a bright blob whose place tells the class
+    so that a small network learns it: glioma inside the left hemisphere, meningioma at the upper
+    rim, pituitary small at the lower centre, notumor none. Every third image is saved as RGB (the
+    release mixes grey and RGB JPEGs). Deterministic from ``seed``. Returns ``root``.
+    """
+    from PIL import Image
+
+    from custom_components.data.class_folders import BRAIN_TUMOR_CLASSES
+
+    out = Path(root)
+    counts = [int(n_per_class)] if isinstance(n_per_class, int) else [int(v) for v in n_per_class]
+    n_train, n_test = (counts[0], max(1, counts[0] // 3)) if len(counts) == 1 else (counts[0], counts[1])
+    width, height = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    head = (((xx - width / 2) / (0.42 * width)) ** 2 + ((yy - height / 2) / (0.46 * height)) ** 2) <= 1.0
+    where = {"glioma": (0.32, 0.5, 0.13), "meningioma": (0.5, 0.14, 0.11), "pituitary": (0.5, 0.72, 0.07)}
+    k = 0
+    for split, prefix, n in (("Training", "Tr", n_train), ("Testing", "Te", n_test)):
+        for cls in BRAIN_TUMOR_CLASSES:
+            folder = out / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                img = np.where(head, 90.0, 5.0) + _noise2d(rng, height, width) * 20 * head
+                if cls in where:
+                    cx, cy, r = where[cls]
+                    cx = (cx + rng.uniform(-0.04, 0.04)) * width
+                    cy = (cy + rng.uniform(-0.04, 0.04)) * height
+                    rr = r * min(width, height) * rng.uniform(0.85, 1.15)
+                    img += 150 * np.exp(-(((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * (rr / 1.5) ** 2)))
+                im = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+                if k % 3 == 2:
+                    im = im.convert("RGB")
+                im.save(folder / f"{prefix}-{_BRAIN_PREFIX[cls]}_{i:04d}.jpg", quality=92)
+                k += 1
+    return out
+
+
+def write_fgadr_twin(root: str | os.PathLike, n_images: int = 25, size: int = 96, seed: int = 0) -> Path:
+    """FGADR Seg-set twin: ``<root>/Original_Images/<NNNN>_<k>.png`` + ``<root>/DR_Seg_Grading_Label.csv``.
+
+    Grades 0..4 in turn (``n_images`` >= 5 gives every grade); a reddish fundus disc with
+    ``2 * grade`` bright yellow "exudate" spots, so the grade is learnable. The CSV has no header
+    (``<file name>,<grade>`` rows, as the release). Deterministic from ``seed``. Returns ``root``.
+    """
+    from PIL import Image
+
+    out = Path(root)
+    folder = out / "Original_Images"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    disc = ((xx - size / 2) ** 2 + (yy - size / 2) ** 2) <= (0.46 * size) ** 2
+    rows = []
+    for i in range(int(n_images)):
+        grade = i % 5
+        noise = (_noise2d(rng, size, size) + 1) / 2
+        img = np.stack([150 + 50 * noise, 60 + 20 * noise, 30 + 10 * noise], -1) * disc[..., None]
+        for _ in range(2 * grade):
+            ang, rad = rng.uniform(0, 2 * np.pi), rng.uniform(0, 0.35 * size)
+            cx, cy = size / 2 + rad * np.cos(ang), size / 2 + rad * np.sin(ang)
+            spot = ((xx - cx) ** 2 + (yy - cy) ** 2) <= (0.04 * size) ** 2
+            img[spot] = (250, 230, 90)
+        name = f"{i + 1:04d}_{int(rng.integers(1, 4))}.png"
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(folder / name)
+        rows.append(f"{name},{grade}")
+    (out / "DR_Seg_Grading_Label.csv").write_text("\n".join(rows) + "\n")
+    return out
+
+
+__all__ += ["write_brain_tumor_twin", "write_fgadr_twin"]
+
+
+def _polyp_scene(rng: np.random.Generator, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:
+    """An endoscopy-like RGB frame with 0-2 polyp-like blobs (raised, shaded ellipses) and their mask."""
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    noise = (_noise2d(rng, height, width) + 1) / 2
+    vignette = 1.0 - 0.6 * (((xx - width / 2) / (width / 2)) ** 2 + ((yy - height / 2) / (height / 2)) ** 2).clip(0, 1)
+    img = np.stack([170 + 50 * noise, 90 + 40 * noise, 80 + 30 * noise], -1) * vignette[..., None]
+    mask = np.zeros((height, width), bool)
+    for _ in range(int(rng.choice([1, 1, 1, 2]))):
+        a, b = rng.uniform(0.12, 0.25) * width, rng.uniform(0.12, 0.25) * height
+        cx, cy = rng.uniform(0.3, 0.7) * width, rng.uniform(0.3, 0.7) * height
+        blob = _ellipse(width, height, cx, cy, a, b, rng.uniform(0, np.pi))
+        # a raised blob: brighter and pinker towards its top-left highlight
+        shade = np.exp(-(((xx - cx + 0.3 * a) / a) ** 2 + ((yy - cy + 0.3 * b) / b) ** 2))
+        img[blob] = np.stack([215 + 35 * shade, 120 + 60 * shade, 120 + 50 * shade], -1)[blob]
+        mask |= blob
+    return np.clip(img, 0, 255).astype(np.uint8), mask
+
+
+def write_kvasir_seg_twin(root: str | os.PathLike, n_images: int = 20, size: int | Sequence[int] = 160,
+                          seed: int = 0, mask_quality: int = 90) -> Path:
+    """Kvasir-SEG twin: ``<root>/images/<id>.jpg`` + ``<root>/masks/<id>.jpg`` (same 25-character ids).
+
+    ``size`` = side or (width, height) of the largest image; widths and heights vary per image by up
+    to -15 % (the release's sizes differ per image). Masks are RGB JPEGs of a 0/255 polyp mask, so
+    their values spread around 0 and 255 as in the release (compression noise at the edges).
+    Deterministic from ``seed``. Returns ``root``.
+    """
+    from PIL import Image
+
+    out = Path(root)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "masks").mkdir(parents=True, exist_ok=True)
+    width0, height0 = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    rng = np.random.default_rng(seed)
+    alphabet = np.array(list("abcdefghijklmnopqrstuvwxyz0123456789"))
+    for _ in range(int(n_images)):
+        width = int(width0 * rng.uniform(0.85, 1.0))
+        height = int(height0 * rng.uniform(0.85, 1.0))
+        img, mask = _polyp_scene(rng, width, height)
+        name = "cju" + "".join(rng.choice(alphabet, 22))
+        Image.fromarray(img).save(out / "images" / f"{name}.jpg", quality=90)
+        m = np.repeat((mask.astype(np.uint8) * 255)[..., None], 3, -1)
+        Image.fromarray(m).save(out / "masks" / f"{name}.jpg", quality=int(mask_quality))
+    return out
+
+
+def write_busi_twin(root: str | os.PathLike, n_per_class: int = 4, size: int = 96, seed: int = 0) -> Path:
+    """BUSI (Dataset_BUSI_with_GT) twin: ``<root>/<class>/<class> (i).png`` + ``<class> (i)_mask.png``.
+
+    Classes ``benign``, ``malignant`` (one dark hypoechoic lesion each; every third image has a
+    second lesion in ``_mask_1.png``) and ``normal`` (empty masks). Grey speckled PNGs saved as RGB
+    as in the release; masks grey 0/255 PNGs. Deterministic from ``seed``. Returns ``root``.
+    """
+    from PIL import Image
+
+    out = Path(root)
+    rng = np.random.default_rng(seed)
+    for cls in ("benign", "malignant", "normal"):
+        folder = out / cls
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(1, int(n_per_class) + 1):
+            img = 90 + 40 * _noise2d(rng, size, size) + rng.normal(0, 12, (size, size))
+            masks = []
+            n_lesions = 0 if cls == "normal" else (2 if i % 3 == 0 else 1)
+            for _ in range(max(1, n_lesions)):
+                lesion = np.zeros((size, size), bool)
+                if n_lesions:
+                    lesion = _ellipse(size, size, rng.uniform(0.3, 0.7) * size, rng.uniform(0.3, 0.7) * size,
+                                      rng.uniform(0.08, 0.18) * size, rng.uniform(0.06, 0.14) * size, rng.uniform(0, np.pi))
+                    img[lesion] = 25 + rng.normal(0, 6, int(lesion.sum()))
+                masks.append(lesion)
+            stem = f"{cls} ({i})"
+            Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).convert("RGB").save(folder / f"{stem}.png")
+            for k, lesion in enumerate(masks):
+                suffix = "_mask" if k == 0 else f"_mask_{k}"
+                Image.fromarray(lesion.astype(np.uint8) * 255).save(folder / f"{stem}{suffix}.png")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# MM-WHS (CT / MR whole heart) format twin
+# --------------------------------------------------------------------------------------------
+
+#: (label value, centre (x, y, z) in [-1, 1], semi-axes) of the twin's heart structures; the left
+#: atrium (420) spans the middle third of the slices only, so slices without it exist
+_MMWHS_STRUCTURES = (
+    (500, (0.15, 0.1, 0.0), (0.22, 0.2, 0.55)),  # LV blood cavity (inside the myocardium)
+    (205, (0.15, 0.1, 0.0), (0.3, 0.28, 0.62)),  # LV myocardium: the shell around it
+    (600, (-0.3, 0.15, 0.0), (0.18, 0.22, 0.5)),  # RV blood cavity
+    (420, (0.2, -0.35, 0.0), (0.16, 0.14, 0.3)),  # LA blood cavity
+    (550, (-0.3, -0.3, 0.05), (0.15, 0.15, 0.45)),  # RA blood cavity
+    (820, (0.0, -0.05, 0.6), (0.1, 0.1, 0.45)),  # ascending aorta
+    (850, (-0.1, 0.45, 0.55), (0.1, 0.12, 0.4)),  # pulmonary artery
+)
+
+
+def _mmwhs_case(rng: np.random.Generator, shape: tuple[int, int, int], modality: str) -> tuple[np.ndarray, np.ndarray]:
+    x, y, z = _grid(shape)
+    label = np.zeros(shape, np.uint16)
+    shift = rng.uniform(-0.08, 0.08, 3)
+    for value, centre, axes in _MMWHS_STRUCTURES[::-1]:  # outer shells first, cavities over them
+        c = np.asarray(centre) + shift
+        inside = ((x - c[0]) / axes[0]) ** 2 + ((y - c[1]) / axes[1]) ** 2 + ((z - c[2]) / axes[2]) ** 2 <= 1
+        label[inside & ((label == 0) | (value == 500))] = value
+    body = np.broadcast_to((x / 0.95) ** 2 + (y / 0.9) ** 2 <= 1, shape)
+    if modality == "ct":  # Hounsfield units: air, soft tissue, myocardium, contrast-filled blood
+        base = {0: 40.0, 205: 120.0}
+        img = np.where(body, base[0], -900.0).astype(np.float32)
+        blood = 320.0
+    else:  # arbitrary MR units, bright blood
+        base = {0: 180.0, 205: 260.0}
+        img = np.where(body, base[0], 5.0).astype(np.float32)
+        blood = 700.0
+    img[label == 205] = base[205]
+    img[(label != 0) & (label != 205)] = blood
+    img += _smooth_noise(rng, shape, 25.0) + rng.normal(0, 12.0, shape).astype(np.float32)
+    return img, label
+
+
+def write_mmwhs_twin(
+    root: str | os.PathLike,
+    n_per_split: Sequence[int] = (3, 1, 1),
+    shape: Sequence[int] = (96, 96, 40),
+    seed: int = 0,
+    modality: str = "ct",
+    case_ids: Sequence[str] | None = None,
+) -> Path:
+    """Write an MM-WHS twin ``<root>/<modality>_train/<modality>_train_NNNN_{image,label}.nii.gz``.
+
+    Labels carry the real MM-WHS values (0, 205 LV myocardium, 420 LA, 500 LV, 550 RA, 600 RV,
+    820 ascending aorta, 850 pulmonary artery) as uint16; the left atrium spans only part of the
+    slices. Images are int16 (CT: HU-like, MR: arbitrary units, bright blood). Each volume has an
+    oblique, non-identity affine (rotation about z, anisotropic spacing, an origin) shared by image
+    and label. Without ``case_ids`` the first ``n_per_split`` cases of the training / validation /
+    test lists of ``data_lists/mmwhs_<modality>.json`` are written. Deterministic from ``seed``.
+    Returns ``root``.
+    """
+    if modality not in ("ct", "mr"):
+        raise ValueError(f"modality must be 'ct' or 'mr', got {modality!r}")
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3 or min(shape) < 8:
+        raise ValueError(f"shape must be 3 sizes >= 8, got {shape}")
+    ids = list(case_ids) if case_ids is not None else _default_ids(f"mmwhs_{modality}", n_per_split)
+    out = Path(root) / f"{modality}_train"
+    out.mkdir(parents=True, exist_ok=True)
+    for case in ids:
+        n = int(case.rsplit("_", 1)[-1])
+        rng = np.random.default_rng([seed, n, 0 if modality == "ct" else 1])
+        img, label = _mmwhs_case(rng, shape, modality)
+        angle = rng.uniform(-0.4, 0.4)
+        spacing = np.array([rng.uniform(0.3, 0.5), rng.uniform(0.3, 0.5), rng.uniform(0.4, 1.6)]) * (
+            1.0 if modality == "ct" else 2.5
+        )
+        rot = np.array([[np.cos(angle), -np.sin(angle), 0], [np.sin(angle), np.cos(angle), 0], [0, 0, 1]])
+        affine = np.eye(4)
+        affine[:3, :3] = rot @ np.diag(spacing)
+        affine[:3, 3] = rng.uniform(-120, 120, 3)
+        nib.save(_nifti(np.rint(img).astype(np.int16), affine), out / f"{case}_image.nii.gz")
+        nib.save(_nifti(label, affine), out / f"{case}_label.nii.gz")
+    return Path(root)

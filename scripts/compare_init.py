@@ -1,0 +1,223 @@
+#!/usr/bin/env python
+"""Train and evaluate a bundle from each encoder initialisation over seeds; write the comparison table.
+
+    python scripts/compare_init.py lvmmed_seg2d_kvasir --dataset_dir /data/Kvasir-SEG --seeds 3 \\
+        --pretrained_path /weights/lvmmed_resnet.torch --imagenet_path /weights/resnet50-0676ba61.pth
+    python scripts/compare_init.py lvmmed_seg2d_kvasir --dataset_dir D --seeds 1 --demo --inits scratch,lvmmed \\
+        --pretrained_path W   # small settings
+
+How a user checks the paper's claim that LVM-Med initialisation helps (spec lvmmed.md section 5).
+Each (init, seed) run merges ``configs/train.json`` [+ ``configs/demo.json``] +
+``configs/init/<init>.json`` and runs training, then ``configs/evaluate.json`` on the test split,
+in one child process, with ``--seed <seed>`` (the data split stays the bundle's, fixed over seeds
+as in the reference's trials). All runs share one prepared data store. ``--pretrained_path`` is the
+``lvmmed`` file, ``--imagenet_path`` the ``imagenet`` one; an initialisation that needs a file not
+given stops before any run. The tables ``comparison.md`` / ``comparison.csv`` in ``--output_dir``
+give each metric of the bundle's profile as mean ± std over seeds (in %).
+
+Resumable: a finished (init, seed), one whose metrics file exists, is not run again; an interrupted
+training resumes from its ``last.pt`` (same settings, so the bundle's fingerprint check passes).
+
+A bundle is added with one entry of :data:`PROFILES` (its metrics file and keys).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import fire
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from custom_components.handlers.report import format_mean_std, markdown_table  # noqa: E402
+from custom_components.io import InputDataError, atomic_write_text  # noqa: E402
+from custom_components.runs import check_override_ids  # noqa: E402
+
+#: per bundle: the metrics file (under the run's bundle root) and its keys to tabulate, the configs
+#: of the evaluation merged after the training's, and the ids of folders all runs share (relative
+#: to ``--output_dir``; e.g. the prepared data store)
+PROFILES: dict[str, dict] = {
+    "lvmmed_seg2d_kvasir": {
+        "metrics_file": "eval/metrics_test.json",
+        "metrics": ("dice", "iou"),
+        "evaluate": ("configs/evaluate.json",),
+        "shared": {"prepared_dir": "prepared"},
+        "what": "Dice and IoU of the polyp class, per test image then mean",
+    },
+    "lvmmed_cls_brain": {
+        "metrics_file": "eval/metrics_test.json",
+        "metrics": ("accuracy", "macro_f1", "macro_auroc"),
+        "evaluate": ("configs/evaluate.json",),
+        "shared": {},
+        "what": "accuracy, macro F1 and macro AUROC on the test split",
+    },
+}
+INIT_ORDER = ("scratch", "imagenet", "lvmmed")
+DEFAULT_SEEDS = (42, 43, 44)
+WORKFLOWS_FLAG = "--run_workflows"
+
+
+def run_workflows(workflows: list[dict]) -> None:
+    """Run ``monai.bundle run`` workflows one after the other in this process."""
+    from monai.bundle import run
+
+    for workflow in workflows:
+        run(**workflow)
+
+
+def available_inits(bundle_dir: Path) -> list[str]:
+    found = {p.stem for p in (bundle_dir / "configs" / "init").glob("*.json")}
+    return [i for i in INIT_ORDER if i in found] + sorted(found - set(INIT_ORDER))
+
+
+def _run_one(bundle_dir: Path, run_dir: Path, init: str, seed: int, common: dict, demo: bool, profile: dict,
+             train_extra: dict) -> None:  # fmt: skip
+    """Train (resuming an interrupted run) and evaluate one (init, seed) in one child process.
+
+    ``train_extra`` (the encoder file) goes to the training only: evaluation loads the trained weights.
+    """
+    configs = ["configs/train.json"] + (["configs/demo.json"] if demo else []) + [f"configs/init/{init}.json"]
+    base = {"bundle_root": str(run_dir), "seed": seed, **common}
+    workflows = [
+        {"run_id": "training", "config_file": configs, "resume": True, **base, **train_extra},
+        {"run_id": "evaluating", "config_file": [*configs, *profile["evaluate"]], **base},
+    ]
+    cmd = [sys.executable, str(Path(__file__).resolve()), WORKFLOWS_FLAG, json.dumps(workflows)]
+    log = run_dir / "log.txt"
+    with open(log, "a") as fh:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        proc = subprocess.run(cmd, cwd=bundle_dir, stdout=fh, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode == 2:  # the bundle's one-line input error: pass it on as it is
+        errors = [line for line in log.read_text().splitlines() if line.startswith("error: ")]
+        if errors:
+            raise InputDataError(f"{init} seed {seed}", f"{errors[-1][len('error: '):]} (log {log})")
+    if proc.returncode != 0:
+        tail = log.read_text()[-3000:]
+        raise RuntimeError(f"{init} seed {seed} failed (exit {proc.returncode}); log {log}:\n{tail}")
+
+
+def _read_results(path: Path, keys: tuple[str, ...]) -> dict[str, float]:
+    metrics = json.loads(path.read_text())["metrics"]
+    return {k: (float("nan") if metrics.get(k) is None else float(metrics[k])) for k in keys}
+
+
+def _names(value) -> list[str]:
+    return [v.strip() for v in (value.split(",") if isinstance(value, str) else value) if str(v).strip()]
+
+
+def compare(
+    bundle: str,
+    dataset_dir: str,
+    seeds: int | tuple | list = 3,
+    inits: str | tuple | list | None = None,
+    pretrained_path: str | None = None,
+    imagenet_path: str | None = None,
+    output_dir: str | None = None,
+    demo: bool = False,
+    **overrides,
+) -> str:
+    """Run the comparison and return the path of ``comparison.md``.
+
+    Args:
+        bundle: bundle name under ``bundles/`` (or a path to a bundle folder) with a profile.
+        dataset_dir: the dataset in its original layout (what the bundle's ``dataset_dir`` takes).
+        seeds: a number of seeds (42, 43, ...) or an explicit list.
+        inits: comma-separated subset of the bundle's ``configs/init`` (default: all).
+        pretrained_path: the LVM-Med encoder file (``lvmmed``).
+        imagenet_path: the ImageNet encoder file (``imagenet``).
+        output_dir: where runs and tables go (default ``runs/compare_init_<bundle>``).
+        demo: merge the bundle's ``configs/demo.json`` (small network, few epochs).
+        overrides: further bundle overrides, e.g. ``--num_epochs 5`` or ``--image_size 32``.
+    """
+    bundle_dir = Path(bundle) if Path(bundle).is_dir() else REPO / "bundles" / bundle
+    if not (bundle_dir / "configs" / "train.json").is_file():
+        raise InputDataError(bundle_dir, "not a bundle folder")
+    name = bundle_dir.name
+    if name not in PROFILES:
+        raise InputDataError(bundle_dir, f"no compare_init profile (known: {', '.join(sorted(PROFILES))})")
+    profile = PROFILES[name]
+    all_inits = available_inits(bundle_dir)
+    chosen = all_inits if inits is None else _names(inits)
+    unknown = sorted(set(chosen) - set(all_inits))
+    if unknown:
+        raise InputDataError(bundle_dir / "configs" / "init", f"unknown inits {unknown}; {name} has {all_inits}")
+    files = {"lvmmed": pretrained_path, "imagenet": imagenet_path}
+    for init in chosen:
+        if init in files and not files[init]:
+            option = "--pretrained_path" if init == "lvmmed" else "--imagenet_path"
+            raise InputDataError(f"init {init!r}", f"needs its encoder file: pass {option} FILE")
+        if init in files and not Path(files[init]).is_file():
+            raise InputDataError(files[init], f"encoder file of init {init!r} does not exist")
+    seed_list = [int(s) for s in seeds] if isinstance(seeds, (list, tuple)) else [DEFAULT_SEEDS[0] + i for i in range(int(seeds))]
+    out = Path(output_dir) if output_dir else REPO / "runs" / f"compare_init_{name}"
+    # a misspelt option stops here, before any run, rather than in every run's log
+    check_override_ids([bundle_dir / "configs" / c for c in ("train.json", "demo.json", "evaluate.json")], overrides)
+    shared = {k: str((out / v).resolve()) for k, v in profile.get("shared", {}).items()}
+    common = {"dataset_dir": str(Path(dataset_dir).resolve()), **shared, **overrides}
+
+    results: dict[str, list[dict[str, float]]] = {}
+    for init in chosen:
+        for seed in seed_list:
+            run_dir = (out / f"{init}_seed{seed}").resolve()
+            metrics_file = run_dir / profile["metrics_file"]
+            if metrics_file.is_file():
+                print(f"[{name}] {init} seed {seed}: done before, not rerun", flush=True)
+            else:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                start = time.time()
+                print(f"[{name}] {init} seed {seed} ...", flush=True)
+                extra = {"pretrained_path": str(Path(files[init]).resolve())} if files.get(init) else {}
+                _run_one(bundle_dir, run_dir, init, seed, common, demo, profile, extra)
+                print(f"[{name}] {init} seed {seed} done in {time.time() - start:.0f} s", flush=True)
+            results.setdefault(init, []).append(_read_results(metrics_file, profile["metrics"]))
+
+    keys = profile["metrics"]
+    rows, csv_rows = [], []
+    for init, per_seed in results.items():
+        row, csv_row = {"init": init, "seeds": len(per_seed)}, {"init": init, "seeds": len(per_seed)}
+        for key in keys:
+            values = [r[key] for r in per_seed if not math.isnan(r[key])]
+            row[key] = format_mean_std(values) if values else "n/a"
+            mean = sum(values) / len(values) if values else float("nan")
+            std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+            csv_row[f"{key}_mean"], csv_row[f"{key}_std"] = mean, std
+        rows.append(row)
+        csv_rows.append(csv_row)
+    table = (
+        f"# Initialisation comparison: {name} (test split, {len(seed_list)} seeds: {', '.join(map(str, seed_list))}"
+        f"{', demo settings' if demo else ''})\n\n"
+        f"{profile['what']}; in %, mean ± std over seeds (sample std).\n\n"
+        + markdown_table(rows, ["init", "seeds", *keys])
+        + "\n"
+    )
+    atomic_write_text(table, out / "comparison.md")
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(csv_rows[0]))
+    writer.writeheader()
+    writer.writerows(csv_rows)
+    atomic_write_text(buf.getvalue(), out / "comparison.csv")
+    print(table)
+    return str(out / "comparison.md")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == WORKFLOWS_FLAG:  # the child process of _run_one
+        from custom_components import errors
+
+        errors.install()
+        run_workflows(json.loads(sys.argv[2]))
+        sys.exit(0)
+    try:
+        fire.Fire(compare, serialize=lambda _: None)
+    except InputDataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
