@@ -53,6 +53,14 @@ PROFILES: dict[str, dict] = {
         "shared": {"prepared_dir": "prepared"},
         "what": "Dice and IoU of the polyp class, per test image then mean",
     },
+    "lvmmed_seg3d_mmwhs": {
+        "metrics_file": "eval/metrics_test.json",
+        "metrics": ("iou", "dice", "mean_iou", "mean_dice"),
+        "evaluate": ("configs/evaluate.json",),
+        "shared": {"prepared_dir": "prepared"},
+        "what": "3-D IoU / Dice of the left-atrium blood cavity (label 420) per test volume, then the means over "
+        "the 7 structures",
+    },
     "lvmmed_cls_brain": {
         "metrics_file": "eval/metrics_test.json",
         "metrics": ("accuracy", "macro_f1", "macro_auroc"),
