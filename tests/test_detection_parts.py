@@ -154,7 +154,7 @@ def test_monai_detector_trains_one_step_and_predicts():
     changed = [n for n, p in net.named_parameters() if not torch.equal(before[n], p.detach())]
     assert any(n.startswith("retinanet.classification_head") for n in changed)
     assert any(n.startswith("retinanet.regression_head") for n in changed)
-    assert any(n.startswith("backbone.layer1") for n in changed)  # shared with the FPN body
+    assert any(n.startswith("retinanet.feature_extractor.body.layer1") for n in changed)
     det.eval()
     with torch.no_grad():
         out = det(images)
@@ -175,6 +175,34 @@ def test_flat_forward_matches_detector_layout():
         raw = net(x, raw=True)
     cls = det._reshape_maps(raw[det.cls_key])
     box = det._reshape_maps(raw[det.box_reg_key])
-    assert flat.shape == (2, cls.shape[1], 3 + 4)
-    torch.testing.assert_close(flat[..., :3], cls)
-    torch.testing.assert_close(flat[..., 3:], box)
+    assert flat.shape == (2, 3 + 4, cls.shape[1])  # channel first: (B, classes + 4, anchors)
+    torch.testing.assert_close(flat[:, :3].transpose(1, 2), cls)
+    torch.testing.assert_close(flat[:, 3:].transpose(1, 2), box)
+
+
+def test_pretrained_init_loads_every_backbone_tensor(tmp_path, caplog):
+    import logging
+
+    from custom_components.detection.retinanet import detection_network
+    from custom_components.io import InputDataError
+    from custom_components.networks.ham import DilatedResNet
+
+    torch.manual_seed(1)
+    source = DilatedResNet("resnet18", output_stride=32, dilation=False)
+    state = {f"module.{k}": v for k, v in source.state_dict().items()}  # a DDP-saved file
+    state["module.fc.weight"], state["module.fc.bias"] = torch.zeros(1000, 512), torch.zeros(1000)
+    path = tmp_path / "lvmmed_resnet18.torch"
+    torch.save(state, path)
+    with caplog.at_level(logging.INFO, logger="custom_components.detection.retinanet"):
+        net = detection_network(3, arch="resnet18", init="lvmmed", pretrained_path=path, returned_layers=(1, 2, 3, 4))
+    body = net.retinanet.feature_extractor.body
+    torch.testing.assert_close(body.conv1.weight, source.conv1.weight)
+    torch.testing.assert_close(body.layer4[1].bn2.running_var, source.layer4[1].bn2.running_var)
+    n_tensors = sum(1 for k in source.state_dict() if not k.endswith("num_batches_tracked"))
+    assert f"loaded {n_tensors} backbone tensors" in caplog.text
+    with pytest.raises(InputDataError, match="not this ResNet"):
+        detection_network(3, arch="resnet50", init="lvmmed", pretrained_path=path)
+    with pytest.raises(InputDataError, match="needs an existing local ResNet checkpoint"):
+        detection_network(3, arch="resnet18", init="imagenet", pretrained_path=tmp_path / "missing.pth")
+    with pytest.raises(ValueError, match="scratch"):
+        detection_network(3, arch="resnet18", init="scratch", pretrained_path=path)

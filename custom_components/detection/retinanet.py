@@ -4,9 +4,10 @@
 :class:`~monai.apps.detection.networks.retinanet_network.RetinaNet` over a torchvision-layout ResNet
 (:class:`~custom_components.networks.ham.DilatedResNet` at output stride 32, i.e. a plain ResNet)
 and an FPN (:func:`~custom_components.detection.torchvision_parts.resnet_fpn_feature_extractor`).
-Its ``forward(images)`` returns **one tensor** ``(B, sum(H_l W_l A), num_classes + 4)``: per anchor,
-the class logits followed by the 4 box-regression deltas, anchors ordered as MONAI's detector
-orders them (level, then row, column, anchor) -- what ``verify_net_in_out`` and ``ckpt_export`` see.
+Its ``forward(images)`` returns **one tensor** ``(B, num_classes + 4, sum(H_l W_l A))``: channel
+first, the class logits followed by the 4 box-regression deltas of every anchor, anchors ordered as
+MONAI's detector orders them (level, then axis 0, axis 1, anchor) -- what ``verify_net_in_out`` and
+``ckpt_export`` (traced) see; decoding boxes from it needs the detector's anchors and box coder.
 ``forward(images, raw=True)`` returns RetinaNet's dict of per-level maps, which the detector uses.
 
 :func:`build_detector` wraps it in MONAI's
@@ -58,10 +59,12 @@ class DetectionNetwork(nn.Module):
         returned_layers: Sequence[int] = (1, 2, 3, 4),
         fpn_channels: int = 256,
         trainable_layers: int = 5,
+        backbone: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        backbone = DilatedResNet(arch, output_stride=32, dilation=False)
-        self.backbone = backbone  # the ResNet the encoder weights go into (shared with the FPN body)
+        # the ResNet (weights already loaded, if any); the FPN body keeps its stem and layers up to
+        # the last returned one, so unused later layers are not part of this network
+        backbone = DilatedResNet(arch, output_stride=32, dilation=False) if backbone is None else backbone
         extractor = torchvision_parts.resnet_fpn_feature_extractor(
             backbone, returned_layers=returned_layers, trainable_layers=trainable_layers, out_channels=fpn_channels
         )
@@ -87,7 +90,7 @@ class DetectionNetwork(nn.Module):
             return out
         cls = flatten_head_maps(out[self.cls_key], self.num_anchors)
         box = flatten_head_maps(out[self.box_reg_key], self.num_anchors)
-        return torch.cat([cls, box], dim=-1)
+        return torch.cat([cls, box], dim=-1).transpose(1, 2)
 
 
 def detection_network(
@@ -104,18 +107,18 @@ def detection_network(
 
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
-    net = DetectionNetwork(num_classes, arch=arch, **kwargs)
+    backbone = DilatedResNet(arch, output_stride=32, dilation=False)
     if init == "scratch":
         if pretrained_path:
             raise ValueError(f"init 'scratch' takes no pretrained_path, got {str(pretrained_path)!r}")
-        return net
-    if not pretrained_path or not Path(pretrained_path).is_file():
-        source = str(pretrained_path or f"init {init!r}")
-        raise InputDataError(source, f"init {init!r} needs an existing local ResNet checkpoint (pretrained_path)")
-    load_pretrained_resnet(net.backbone, pretrained_path)
-    count = sum(1 for k in net.backbone.state_dict() if not k.endswith("num_batches_tracked"))
-    logger.info("%s: loaded %d backbone tensors (%s init, %s)", pretrained_path, count, init, arch)
-    return net
+    else:
+        if not pretrained_path or not Path(pretrained_path).is_file():
+            source = str(pretrained_path or f"init {init!r}")
+            raise InputDataError(source, f"init {init!r} needs an existing local ResNet checkpoint (pretrained_path)")
+        load_pretrained_resnet(backbone, pretrained_path)  # strict: every backbone tensor, only fc.* left out
+        count = sum(1 for k in backbone.state_dict() if not k.endswith("num_batches_tracked"))
+        logger.info("%s: loaded %d backbone tensors (%s init, %s)", pretrained_path, count, init, arch)
+    return DetectionNetwork(num_classes, arch=arch, backbone=backbone, **kwargs)
 
 
 class RawHeads(nn.Module):
