@@ -94,6 +94,8 @@ def test_evaluate_tables_and_inference_outputs(trained, twin, forked):
     for e in boxes["test"]:
         assert len(e["box"]) == len(e["label"]) == len(e["label_scores"]) == len(e["class_name"])
         assert all(len(b) == 4 and b[0] <= b[2] and b[1] <= b[3] for b in e["box"])
+    rows = list(csv.DictReader((out / "predictions_test.csv").open()))
+    assert len(rows) == sum(len(e["box"]) for e in boxes["test"])
     overlays = sorted((out / "overlays_test").glob("*.png"))
     assert len(overlays) == len(datalist["test"])
     from PIL import Image

@@ -168,7 +168,8 @@ class DetectionReportWriter:
 class DetectionWriter:
     """Inference handler: ``<output_dir>/<filename>.json`` in MONAI's detection datalist format
     (``{split: [{"image", "image_id", "box", "label", "label_scores", "class_name"}]}``, boxes in the
-    prepared image's pixels) and the first ``num_panels`` overlays as ``<panel_folder>/<image_id>.png``."""
+    prepared image's pixels), the same boxes one per row in ``predictions_<split>.csv``, and the first
+    ``num_panels`` overlays as ``<panel_folder>/<image_id>.png``."""
 
     def __init__(self, output_dir: str | os.PathLike, classes: Sequence[str], split: str = "test",
                  filename: str | None = None, panel_folder: str | None = None, num_panels: int = 100,
@@ -208,6 +209,14 @@ class DetectionWriter:
 
     def __call__(self, engine: Engine) -> None:
         entries = gather_objects(self._entries)
-        if _rank() == 0:
-            atomic_save_json({self.split: entries, "classes": self.classes, "box_mode": "xyxy"},
-                             self.output_dir / f"{self.filename}.json")
+        if _rank() != 0:
+            return
+        atomic_save_json({self.split: entries, "classes": self.classes, "box_mode": "xyxy"},
+                         self.output_dir / f"{self.filename}.json")
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["image_id", "class_name", "label", "score", "x_min", "y_min", "x_max", "y_max"])
+        for e in entries:
+            for b, c, s, name in zip(e["box"], e["label"], e["label_scores"], e["class_name"], strict=True):
+                w.writerow([e["image_id"], name, c, s, *b])
+        atomic_write_text(buf.getvalue(), self.output_dir / f"predictions_{self.split}.csv")
