@@ -170,3 +170,16 @@ def test_nih_box_list_store(tmp_path):
     name = entries[0]["image_id"] + ".png"
     x, y, w, h = next(iter(raw[name].values()))[0]
     np.testing.assert_allclose(entries[0]["box"][0], [x / 2, y / 2, (x + w) / 2, (y + h) / 2], atol=1e-3)
+
+
+def test_make_synthetic_vindr_command(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "make_synthetic.py"
+    spec = importlib.util.spec_from_file_location("make_synthetic", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["vindr", "--output_dir", str(tmp_path / "v"), "--n_images", "4", "--size", "24"]) in (0, None)
+    ann = vindr.read_vindr_csv(tmp_path / "v" / "train.csv")
+    assert len(ann) == 4 and all((tmp_path / "v" / "train" / f"{i}.png").is_file() for i in ann)
