@@ -26,6 +26,7 @@ thick-slice scan ``--shape 40,32,9 --spacing 0.9,0.9,6.5``; the defaults are tho
     python scripts/make_synthetic.py busi --output_dir D [--n_per_class 4] [--size 96] [--seed 0]
     python scripts/make_synthetic.py mmwhs --output_dir D [--n_per_split 3,1,1] [--shape 96,96,40] [--seed 0]
         [--modality ct|mr]
+    python scripts/make_synthetic.py vindr --output_dir D [--n_images 24] [--size 96] [--seed 0] [--n_dicom 0]
 """
 
 from __future__ import annotations
@@ -181,8 +182,18 @@ def vit_checkpoints(
     return str(output_dir)
 
 
+def vindr(output_dir: str, n_images: int = 24, size: int = 96, seed: int = 0, n_dicom: int = 0) -> str:
+    """VinDr-CXR twin: ``train.csv`` (2-3 readers per box, "No finding" images) and ``train/<id>.png|.dicom``."""
+    from custom_components.data.synthetic import write_vindr_twin
+
+    root = write_vindr_twin(output_dir, n_images=int(n_images), size=int(size), seed=int(seed), n_dicom=int(n_dicom))
+    print(root)
+    return str(root)
+
+
 COMMANDS = {"brats20": brats20, "lits17": lits17, "medmnist2d": medmnist2d, "medmnist3d": medmnist3d,
             "kvasir": kvasir, "mura": mura, "nihcxr14": nihcxr14, "vit_checkpoints": vit_checkpoints}
+COMMANDS["vindr"] = vindr
 
 
 def brain_tumor(output_dir: str, n_per_class: str | Sequence[int] = (8, 3), size: int = 256, seed: int = 0) -> str:

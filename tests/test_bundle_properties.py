@@ -31,6 +31,8 @@ def _twin(bundle: str, root: Path) -> tuple[Path, dict]:
     if bundle == "ham_nihcxr14":
         data = synthetic.write_nihcxr14_twin(root, n_images=32, size=48, seed=1)
         return data, {"image_size": 32}
+    if bundle == "lvmmed_det_vindr":
+        return synthetic.write_vindr_twin(root, n_images=16, size=40, seed=1), {"image_size": 32}
     if bundle == "medvit_medmnist2d":
         synthetic.write_medmnist2d_twin(root / "breastmnist.npz", name="breastmnist", n=(8, 4, 4), size=28, seed=3)
         return root, {"batch_size": 4}

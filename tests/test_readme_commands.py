@@ -172,6 +172,22 @@ def _mmwhs(d: Path) -> dict[str, str]:
         write_mmwhs_twin(d / "mmwhs", n_per_split=(2, 1, 1), shape=(24, 24, 8), seed=1, modality=modality)
     return {"--dataset_dir": str(d / "mmwhs"), "--pretrained_path": str(d / "weights" / "lvmmed_resnet18.torch")}
 
+
+def _vindr(d: Path) -> dict[str, str]:
+    """VinDr-CXR and NIH ChestX-ray14 twins in one folder (train.csv + train/ beside BBox_List_2017.csv +
+    images/), and a stand-in torchvision-layout ResNet-18 file for the LVM-Med init (the case's arch)."""
+    from custom_components.data.synthetic import write_nihcxr14_twin, write_vindr_twin
+    from custom_components.networks.ham import DilatedResNet
+
+    write_vindr_twin(d, n_images=16, size=40, seed=1)
+    write_nihcxr14_twin(d, n_images=32, size=48, seed=1)
+    torch.manual_seed(0)
+    weights = d / "weights" / "lvmmed_resnet18.torch"
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(DilatedResNet("resnet18", output_stride=32, dilation=False).state_dict(), weights)
+    return {"--dataset_dir": str(d), "--pretrained_path": str(weights)}
+
+
 @dataclass(frozen=True)
 class Case:
     train_configs: tuple[str, ...]  # the training the README's first export command follows
@@ -251,6 +267,13 @@ CASES = {
         {"--image_size": 32, "--backbone": "resnet18", "--decoder_channels": [64, 32, 16, 16, 8], "--batch_size": 8},
     ),
 }  # fmt: skip
+# demo.json's ResNet-18 FPN (layer1-2, 32 channels, its anchors), so that train.json alone builds the same small network
+CASES["lvmmed_det_vindr"] = Case(
+    ("configs/train.json", "configs/demo.json"), ("configs/train.json",), "bundles/lvmmed_det_vindr",
+    _vindr, (2, 3, 64, 64),
+    {"--image_size": 32, "--arch": "resnet18", "--returned_layers": [1, 2], "--fpn_channels": 32,
+     "--base_anchor_shapes": [[8, 8], [6, 12], [12, 6]], "--batch_size": 4},
+)  # fmt: skip
 
 
 def readme(name: str) -> Path:

@@ -961,3 +961,66 @@ def write_mmwhs_twin(
         nib.save(_nifti(np.rint(img).astype(np.int16), affine), out / f"{case}_image.nii.gz")
         nib.save(_nifti(label, affine), out / f"{case}_label.nii.gz")
     return Path(root)
+def write_vindr_twin(
+    output_dir: str | os.PathLike,
+    n_images: int = 24,
+    size: int = 96,
+    seed: int = 0,
+    n_dicom: int = 0,
+) -> Path:
+    """VinDr-CXR twin in the Kaggle layout; returns ``output_dir``.
+
+    ``train.csv`` (``image_id,class_name,class_id,rad_id,x_min,y_min,x_max,y_max``, one row per box
+    and reader, radiologists ``R1`` ... ``R17``) and ``train/<image_id>.png`` (grey, ``size`` wide and
+    ``round(1.25 * size)`` high, so preparation must rescale x and y differently). Every fourth
+    image is ``No finding`` (three readers, empty box fields). The others hold 1-2 lesions (bright
+    blobs) of classes cycling through the first four VinDr classes, each drawn by 2 or 3 readers with
+    a jitter of up to 4 % of the box size, so weighted boxes fusion (iou 0.2) merges them into one
+    box per lesion. The first ``n_dicom`` images are written as ``train/<image_id>.dicom`` (ITK,
+    uint16, MONOCHROME2) instead of PNG. Deterministic from ``seed``.
+    """
+    from PIL import Image
+
+    from custom_components.data.vindr import CLASSES, NO_FINDING, NO_FINDING_ID
+
+    rng = np.random.default_rng(seed)
+    out = Path(output_dir)
+    (out / "train").mkdir(parents=True, exist_ok=True)
+    width, height = int(size), int(round(1.25 * size))
+    rows = ["image_id,class_name,class_id,rad_id,x_min,y_min,x_max,y_max"]
+    k_lesion = 0
+    for i in range(int(n_images)):
+        image_id = "".join(rng.choice(list("0123456789abcdef"), 32))
+        img, _ = _chest_radiograph(rng, height)
+        img = img[:, (height - width) // 2:(height - width) // 2 + width].copy()
+        readers = [f"R{int(r)}" for r in rng.choice(np.arange(1, 18), size=3, replace=False)]
+        if i % 4 == 3:
+            rows += [f"{image_id},{NO_FINDING},{NO_FINDING_ID},{r},,,," for r in readers]
+        else:
+            for _ in range(1 + (i % 3 == 1)):
+                label = k_lesion % 4
+                k_lesion += 1
+                w, h = rng.uniform(0.2, 0.35) * width, rng.uniform(0.2, 0.35) * height
+                x0, y0 = rng.uniform(0.05 * width, 0.95 * width - w), rng.uniform(0.05 * height, 0.95 * height - h)
+                yy, xx = np.mgrid[0:height, 0:width].astype(np.float32) + 0.5
+                g = np.exp(-(((xx - x0 - w / 2) / (w / 4)) ** 2 + ((yy - y0 - h / 2) / (h / 4)) ** 2) / 2)
+                img += (0.3 + 0.1 * label) * g * ((xx >= x0) & (xx < x0 + w) & (yy >= y0) & (yy < y0 + h))
+                for r in readers[: 2 + int(rng.integers(0, 2))]:
+                    j = rng.uniform(-0.04, 0.04, 4) * np.array([w, h, w, h])
+                    box = [min(max(v, 0.0), lim) for v, lim in zip((x0 + j[0], y0 + j[1], x0 + w + j[2], y0 + h + j[3]),
+                                                                    (width, height, width, height), strict=True)]
+                    rows.append(f"{image_id},{CLASSES[label]},{label},{r}," + ",".join(f"{v:.1f}" for v in box))
+        arr = np.clip(img * 255, 0, 255).astype(np.uint8)
+        if i < n_dicom:
+            import itk
+
+            tmp = out / "train" / f"{image_id}.dcm"
+            itk.imwrite(itk.image_from_array((arr.astype(np.uint16) * 16).copy()), str(tmp))
+            tmp.rename(out / "train" / f"{image_id}.dicom")
+        else:
+            Image.fromarray(arr).save(out / "train" / f"{image_id}.png")
+    (out / "train.csv").write_text("\n".join(rows) + "\n")
+    return out
+
+
+__all__ += ["write_vindr_twin"]
