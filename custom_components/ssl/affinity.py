@@ -1,0 +1,75 @@
+"""Vertex and edge affinities between the graphs of two views (spec §2.4–2.5).
+
+Shapes: G graphs of N nodes; GCN outputs ``hs``, ``ht``: (G, N, F); backbone maps flattened to
+cells ``ys``, ``yt``: (G, N, P, D) with cell centres ``cs``, ``ct``: (G, N, P, 2) in normalised
+original-image coordinates (:func:`custom_components.ssl.views.cell_centres`).
+
+- global: c_glo[i, a] = cos(ẑ_i^s, ẑ_a^t)
+- local (VICRegL-style) c_lo(i→a) = ½ (location + feature): for every cell p of y_i^s take its nearest
+  cell of y_a^t — in original-image coordinates (location) or in feature L2 distance (feature) —,
+  keep the γ pairs with the smallest distance and average their feature cosines.
+- c_v[i, a] = α c_glo[i, a] + (1 − α) (c_lo(i→a) + c_lo(a→i)) ∈ [−1.2, 1.2] for α = 0.8.
+- edge: c_e[i, j, a, b] = cos(ẑ_i^s − ẑ_j^s, ẑ_a^t − ẑ_b^t), kept on edge pairs only.
+
+Not from the paper: γ = 20 (VICRegL's ``--num_matches 20`` for global crops), capped at the number
+of cells; coordinates normalised per original image so that pairs of different images (i ≠ a) are
+defined; the pair selection (nearest cells, γ best) is not differentiated, the cosines are.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["global_affinity", "local_terms", "local_affinity", "vertex_affinity", "edge_affinity"]
+
+
+def global_affinity(hs: torch.Tensor, ht: torch.Tensor) -> torch.Tensor:
+    """(G, N, F), (G, N, F) -> (G, N, N) cosine similarities."""
+    return F.normalize(hs, dim=-1) @ F.normalize(ht, dim=-1).transpose(1, 2)
+
+
+def _best_mean(cos: torch.Tensor, dist: torch.Tensor, gamma: int) -> torch.Tensor:
+    """For every row p: nearest column by ``dist``; keep the γ rows with the smallest such distance;
+    mean of ``cos`` over those (p, nearest(p)) pairs. cos, dist: (..., P, Q) -> (...)."""
+    dmin, q = dist.min(dim=-1)
+    g = min(gamma, dist.shape[-2])
+    keep = dmin.topk(g, dim=-1, largest=False).indices  # (..., γ)
+    cos_nn = cos.gather(-1, q.unsqueeze(-1)).squeeze(-1)  # (..., P)
+    return cos_nn.gather(-1, keep).mean(dim=-1)
+
+
+def local_terms(ys, yt, cs, ct, gamma: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
+    """Location and feature terms of i→a (cells of y_i^s looked up in y_a^t): two (G, N, N) tensors."""
+    ysn, ytn = F.normalize(ys, dim=-1), F.normalize(yt, dim=-1)
+    cos = torch.einsum("gipd,gaqd->giapq", ysn, ytn)  # (G, N, N, P, Q)
+    with torch.no_grad():
+        dloc = (cs[:, :, None, :, None, :] - ct[:, None, :, None, :, :]).pow(2).sum(-1)
+        sq_s, sq_t = ys.detach().pow(2).sum(-1), yt.detach().pow(2).sum(-1)  # (G, N, P), (G, N, Q)
+        dot = torch.einsum("gipd,gaqd->giapq", ys.detach(), yt.detach())
+        dfeat = sq_s[:, :, None, :, None] + sq_t[:, None, :, None, :] - 2 * dot
+    return _best_mean(cos, dloc, gamma), _best_mean(cos, dfeat, gamma)
+
+
+def local_affinity(ys, yt, cs, ct, gamma: int = 20) -> torch.Tensor:
+    """c_lo(i→a) + c_lo(a→i) as a (G, N, N) tensor indexed [i, a] (each direction in [−1, 1])."""
+    loc_st, feat_st = local_terms(ys, yt, cs, ct, gamma)
+    loc_ts, feat_ts = local_terms(yt, ys, ct, cs, gamma)
+    return 0.5 * (loc_st + feat_st) + 0.5 * (loc_ts + feat_ts).transpose(1, 2)
+
+
+def vertex_affinity(hs, ht, ys=None, yt=None, cs=None, ct=None, alpha: float = 0.8, gamma: int = 20) -> torch.Tensor:
+    """c_v = α c_glo + (1 − α)(c_lo(i→a) + c_lo(a→i)); with ``ys=None`` (no local term) c_v = c_glo."""
+    c = global_affinity(hs, ht)
+    if ys is None:
+        return c
+    return alpha * c + (1 - alpha) * local_affinity(ys, yt, cs, ct, gamma)
+
+
+def edge_affinity(hs: torch.Tensor, ht: torch.Tensor, edges_s: torch.Tensor, edges_t: torch.Tensor) -> torch.Tensor:
+    """c_e[g, i, j, a, b] = cos(ẑ_i^s − ẑ_j^s, ẑ_a^t − ẑ_b^t) on edge pairs, 0 elsewhere: (G, N, N, N, N)."""
+    ds = F.normalize(hs[:, :, None, :] - hs[:, None, :, :], dim=-1)
+    dt = F.normalize(ht[:, :, None, :] - ht[:, None, :, :], dim=-1)
+    ce = torch.einsum("gijd,gabd->gijab", ds, dt)
+    mask = edges_s.to(ce.dtype)[:, :, :, None, None] * edges_t.to(ce.dtype)[:, None, None, :, :]
+    return ce * mask
