@@ -37,7 +37,7 @@ def test_one_iteration_updates_backbone_and_objective_and_reports_the_stats():
     before = {k: v.detach().clone() for k, v in [*net.named_parameters(), *(("obj." + k, v) for k, v in obj.named_parameters())]}
     trainer.run()
     out = trainer.state.output
-    assert set(out) == {"loss", *SSL_STATS}
+    assert set(out) == {"loss", "lr", *SSL_STATS} and out["lr"] == 0.5
     assert 0.0 <= out["matching_accuracy"] <= 1.0
     # the Hamming loss of 2 graphs of 4 nodes: 2 x (mismatched rows), mean over graphs; accuracy = matched share
     assert out["loss"] == pytest.approx(2 * 4 * (1 - out["matching_accuracy"]))

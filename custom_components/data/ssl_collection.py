@@ -5,7 +5,7 @@ LVM-Med pre-trains on many datasets merged, 2-D images and the slices of 3-D vol
 ``{"training": [{"image": PATH}, ...], "test": [...]}`` (absolute paths) beside a folder of slices:
 
 * a **folder**: every PNG / JPEG image and NIfTI volume (``.nii``, ``.nii.gz``) below it, sorted,
-  all for ``training``;
+  all for ``training``; a folder with a ``datalist.json`` at its top is read through that datalist;
 * a **datalist JSON**: ``{"training": [...], "test": [...]}`` (other keys are ignored) or a plain
   list; entries are ``{"image": PATH}`` or ``PATH`` strings, relative to the JSON's folder unless
   absolute. Its ``test`` entries are the held-out list of the ``evaluate`` workflow;
@@ -23,7 +23,9 @@ unreadable image or volume, a source that does not exist or holds nothing, an em
 one smaller than one graph (``graph_size`` images: the objective matches graphs of that many).
 
 :class:`LoadSSLImaged` reads an entry's image as a (C, H, W) float tensor in [0, 1] with the
-network's channel count (grey repeated to RGB, or RGB converted to grey with ITU-R 601 weights).
+network's channel count (grey repeated to RGB, or RGB converted to grey with ITU-R 601 weights);
+:class:`NormalizeImageNetd` applies the ImageNet mean/std the ImageNet and LVM-Med ResNet files
+expect (grey: the mean of the three channels' values).
 """
 
 from __future__ import annotations
@@ -49,11 +51,15 @@ __all__ = [
     "prepare_ssl_collection",
     "LoadSSLImaged",
     "load_ssl_image",
+    "NormalizeImageNetd",
+    "held_out_list",
 ]
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 VOLUME_EXTS = (".nii", ".nii.gz")
 SPLITS = ("training", "test")
+#: a folder holding this file is read through it (a prepared dataset's datalist, as the twin writes)
+DATALIST_NAME = "datalist.json"
 
 
 def _is_volume(path: Path) -> bool:
@@ -102,6 +108,8 @@ def collect_sources(sources: str | os.PathLike | Sequence[str | os.PathLike]) ->
     """
     merged: dict[str, list[Path]] = {s: [] for s in SPLITS}
     for source in _as_list(sources):
+        if source.is_dir() and (source / DATALIST_NAME).is_file():
+            source = source / DATALIST_NAME
         if source.is_dir():
             files = sorted(p for p in source.rglob("*") if p.is_file() and not p.name.startswith(".")
                            and (_is_image(p) or _is_volume(p)))
@@ -266,3 +274,49 @@ class LoadSSLImaged(MapTransform):
         for key in self.key_iterator(d):
             d[key] = load_ssl_image(d[key], self.channels)
         return d
+
+
+#: ImageNet channel statistics (RGB); a grey input uses their means
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class NormalizeImageNetd(MapTransform):
+    """(x - mean) / std per channel with the ImageNet statistics at ``keys`` ((C, H, W), C = 1 or 3)."""
+
+    def __init__(self, keys: Hashable | Sequence[Hashable] = ("view_s", "view_t"), allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = torch.as_tensor(d[key])
+            if img.shape[0] == 3:
+                mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+            elif img.shape[0] == 1:
+                mean, std = torch.tensor([sum(IMAGENET_MEAN) / 3]), torch.tensor([sum(IMAGENET_STD) / 3])
+            else:
+                raise ValueError(f"{key}: expected 1 or 3 channels, got shape {tuple(img.shape)}")
+            d[key] = (img - mean.to(img)[:, None, None]) / std.to(img)[:, None, None]
+        return d
+
+
+def held_out_list(datalist: str | os.PathLike, split: str = "test", graph_size: int = 16) -> list[dict]:
+    """The ``split`` entries of a prepared collection for the ``evaluate`` workflow (at least one graph).
+
+    One error line when the list is missing or shorter than ``graph_size`` (a datalist source with a
+    ``test`` list gives it).
+    """
+    path = Path(datalist)
+    if not path.is_file():
+        raise InputDataError(path, "prepared collection not found: run with --prepare_data true first")
+    try:
+        entries = json.loads(path.read_text()).get(split, [])
+    except (OSError, ValueError, AttributeError) as e:
+        raise InputDataError(path, f"cannot read the prepared collection ({type(e).__name__}: {e})") from e
+    if len(entries) < int(graph_size):
+        raise InputDataError(
+            path, f"{len(entries)} held-out image(s) in '{split}', fewer than one graph (graph_size {int(graph_size)}): "
+            f"give a datalist source with a '{split}' list",
+        )
+    return [dict(e) for e in entries]

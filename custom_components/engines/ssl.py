@@ -18,7 +18,8 @@ Output keys (detached floats for ``StatsHandler`` / TensorBoard): ``loss``, ``ma
 (fraction of nodes matched to their true partner), ``solver_seconds`` (forward and IMLE backward
 solves), ``graph_seconds`` (the objective's graph-matching part: projector, graphs, GCN, affinities,
 forward solve, loss, plus the backward solves), ``step_seconds`` (the whole iteration) and ``graph_share`` =
-``graph_seconds / step_seconds``. :class:`SSLEvalIteration` is the evaluation step (no gradient,
+``graph_seconds / step_seconds``, and (training) ``lr``, the first parameter group's learning rate.
+:class:`SSLEvalIteration` is the evaluation step (no gradient,
 networks in eval mode) with the same statistics, for a held-out list.
 """
 
@@ -117,7 +118,9 @@ class SSLIteration(_SSLStep):
         optimise(engine, loss)
         _sync(views_s.device)
         backward = timer.get(_BACKWARD_SOLVES, 0.0) - before if isinstance(timer, dict) else 0.0
-        return self._output(out, start, views_s.device, backward)
+        stats = self._output(out, start, views_s.device, backward)
+        stats["lr"] = float(engine.optimizer.param_groups[0]["lr"])
+        return stats
 
 
 class SSLEvalIteration(_SSLStep):
