@@ -109,16 +109,22 @@ def imle_match(
     method: str = "ipfp",
     noise: str = "gumbel",
     temperature: float = 1.0,
+    edge_temperature: float | None = None,
     options: dict[str, Any] | None = None,
     normalize_grad: bool = True,
     generator: torch.Generator | None = None,
     timer: dict | None = None,
 ) -> torch.Tensor:
-    """Differentiable matching: (G, N, N) permutation matrices with IMLE gradients into the costs."""
+    """Differentiable matching: (G, N, N) permutation matrices with IMLE gradients into the costs.
+
+    ``temperature`` scales the vertex noise ε, ``edge_temperature`` (default: ``temperature``) the edge
+    noise ε′ (non-zero on edge pairs only).
+    """
     noise_v = make_noise(cost_v, noise, temperature, generator)
     noise_e = None
     if cost_e is not None:
-        noise_e = make_noise(cost_e, noise, temperature, generator) * _pair_mask(edges_s, edges_t, cost_e.dtype)
+        t_e = temperature if edge_temperature is None else edge_temperature
+        noise_e = make_noise(cost_e, noise, t_e, generator) * _pair_mask(edges_s, edges_t, cost_e.dtype)
     return IMLEMatching.apply(
         cost_v, cost_e, noise_v, noise_e, edges_s, edges_t, float(lam), method, dict(options or {}), normalize_grad, timer
     )

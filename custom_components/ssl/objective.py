@@ -69,6 +69,11 @@ class GraphMatchingObjective(nn.Module):
             demos learn better with a smaller weight.
         noise_temperature: scale of the IMLE noise (*not from the paper*; 1.0 = paper). Gumbel(0,1)
             noise (std 1.28) can swamp affinities in [−1.2, 1.2] on tiny data.
+        scale_edge_noise: the edge noise ε′ is also multiplied by ``edge_weight``, so ``edge_weight``
+            weights the whole perturbed edge term w·(c_e + ε′) of the QAP (*not from the paper*; no
+            effect at the paper's edge_weight 1). Without it, Gumbel noise with its positive mean
+            0.577 on every edge pair rewards matchings that preserve many edges regardless of c_e,
+            and small edge weights leave that noise term dominant.
         normalize_imle_grad: see :mod:`custom_components.ssl.imle` (*not from the paper*; keeps λ
             acting on the per-graph Hamming gradient when the loss is the mean over graphs).
         seed: optional seed of a private generator for the IMLE noise (None = torch's global RNG).
@@ -98,6 +103,7 @@ class GraphMatchingObjective(nn.Module):
         edge_weight: float = 1.0,
         noise_temperature: float = 1.0,
         normalize_imle_grad: bool = True,
+        scale_edge_noise: bool = True,
         seed: int | None = None,
     ):
         super().__init__()
@@ -113,6 +119,7 @@ class GraphMatchingObjective(nn.Module):
         self.solver, self.solver_options, self.noise = solver, dict(solver_options or {}), noise
         self.local_term, self.second_order, self.message_passing = local_term, second_order, message_passing
         self.edge_weight, self.noise_temperature, self.normalize_imle_grad = edge_weight, noise_temperature, normalize_imle_grad
+        self.scale_edge_noise = scale_edge_noise
         self.seed = seed
         self._generator: torch.Generator | None = None
         self.timer: dict[str, float] = {}
@@ -169,6 +176,7 @@ class GraphMatchingObjective(nn.Module):
             method=method,
             noise=self.noise,
             temperature=self.noise_temperature,
+            edge_temperature=self.noise_temperature * (self.edge_weight if self.scale_edge_noise else 1.0),
             options=self.solver_options,
             normalize_grad=self.normalize_imle_grad,
             generator=self._gen(device),
