@@ -34,6 +34,9 @@ def _twin(bundle: str, root: Path) -> tuple[Path, dict]:
     if bundle == "medvit3d_medmnist3d":
         synthetic.write_medmnist3d_twin(root / "organmnist3d.npz", name="organmnist3d", n=(6, 3, 3), size=28, seed=3)
         return root, {"batch_size": 4}
+    if bundle == "lvmmed_pretrain":
+        data = synthetic.write_ssl2d_twin(root, n_images=32, size=40, seed=1)
+        return data, {"image_size": 32, "arch": "resnet18", "graph_size": 8, "knn_k": 3, "batch_size": 8}
     small = {"image_size": 32, "resize_short": 36, "network_def#patch_size": 8}
     if bundle == "vit_attention_maps_kvasir":
         return synthetic.write_kvasir_twin(root / "kvasir", n_per_class=4, size=(80, 64), seed=1), small

@@ -123,6 +123,12 @@ def _nihcxr14(d: Path) -> dict[str, str]:
     return {"--dataset_dir": str(write_nihcxr14_twin(d, n_images=32, size=48, seed=1))}
 
 
+def _ssl2d(d: Path) -> dict[str, str]:
+    from custom_components.data.synthetic import write_ssl2d_twin
+
+    return {"--dataset_dir": str(write_ssl2d_twin(d, n_images=40, size=48, seed=1))}
+
+
 @dataclass(frozen=True)
 class Case:
     train_configs: tuple[str, ...]  # the training the README's first export command follows
@@ -183,6 +189,13 @@ CASES = {
         _mura, (2, 3, 32, 32), VIT_SMALL, "scripts/demo_attention_maps.sh",
         ("\"'configs/train.json','configs/init/$init.json','configs/demo.json'\"", "/demo/attention_maps_$DATASET}",
          'ROOT=$DEMO_DIR/bundle'),
+    ),
+    # demo.json's backbone and graphs, so that train.json alone builds the same small network
+    "lvmmed_pretrain": Case(
+        ("configs/train.json", "configs/demo.json"), ("configs/train.json",), "bundles/lvmmed_pretrain",
+        _ssl2d, (2, 3, 32, 32),
+        {"--image_size": 32, "--arch": "resnet18", "--graph_size": 8, "--knn_k": 3, "--num_matches": 4,
+         "--batch_size": 8},
     ),
 }  # fmt: skip
 
