@@ -21,12 +21,20 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["global_affinity", "local_terms", "local_affinity", "vertex_affinity", "edge_affinity"]
+__all__ = ["global_affinity", "location_distances", "local_terms", "local_affinity", "vertex_affinity", "edge_affinity"]
 
 
 def global_affinity(hs: torch.Tensor, ht: torch.Tensor) -> torch.Tensor:
     """(G, N, F), (G, N, F) -> (G, N, N) cosine similarities."""
     return F.normalize(hs, dim=-1) @ F.normalize(ht, dim=-1).transpose(1, 2)
+
+
+@torch.no_grad()
+def location_distances(cs: torch.Tensor, ct: torch.Tensor) -> torch.Tensor:
+    """Squared distances in original-image coordinates between every cell p of image i (view s) and
+    every cell q of image a (view t): (G, N, P, 2), (G, N, Q, 2) -> (G, N, N, P, Q). The location
+    term matches p to ``argmin_q``."""
+    return (cs[:, :, None, :, None, :] - ct[:, None, :, None, :, :]).pow(2).sum(-1)
 
 
 def _best_mean(cos: torch.Tensor, dist: torch.Tensor, gamma: int) -> torch.Tensor:
@@ -44,7 +52,7 @@ def local_terms(ys, yt, cs, ct, gamma: int = 20) -> tuple[torch.Tensor, torch.Te
     ysn, ytn = F.normalize(ys, dim=-1), F.normalize(yt, dim=-1)
     cos = torch.einsum("gipd,gaqd->giapq", ysn, ytn)  # (G, N, N, P, Q)
     with torch.no_grad():
-        dloc = (cs[:, :, None, :, None, :] - ct[:, None, :, None, :, :]).pow(2).sum(-1)
+        dloc = location_distances(cs, ct)
         sq_s, sq_t = ys.detach().pow(2).sum(-1), yt.detach().pow(2).sum(-1)  # (G, N, P), (G, N, Q)
         dot = torch.einsum("gipd,gaqd->giapq", ys.detach(), yt.detach())
         dfeat = sq_s[:, :, None, :, None] + sq_t[:, None, :, None, :] - 2 * dot

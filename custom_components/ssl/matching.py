@@ -104,20 +104,18 @@ def hungarian(cost_v: torch.Tensor) -> torch.Tensor:
 
 
 def _brute(cost_v, cost_e, edges_s, edges_t) -> torch.Tensor:
-    g, n, _ = cost_v.shape
+    n = cost_v.shape[1]
     if n > 8:
         raise ValueError(f"brute-force matching enumerates N! permutations; N={n} > 8 is too large")
-    perms = torch.tensor(list(itertools.permutations(range(n))), device=cost_v.device)  # (P, N)
-    cands = torch.nn.functional.one_hot(perms, n).to(cost_v.dtype)  # (P, N, N): v[p, i, perm[i]] = 1
-    out = torch.empty_like(cost_v)
-    for k in range(g):
-        pv = cands
-        obj = (cost_v[k][None] * pv).sum(dim=(1, 2))
-        if cost_e is not None:
-            e = torch.einsum("pia,pjb->pijab", pv, pv) * _pair_mask(edges_s[k : k + 1], edges_t[k : k + 1], cost_v.dtype)
-            obj = obj + (cost_e[k][None] * e).sum(dim=(1, 2, 3, 4))
-        out[k] = pv[int(torch.argmax(obj))]
-    return out
+    perms = torch.tensor(list(itertools.permutations(range(n))), device=cost_v.device)  # (P, N): i -> perm[i]
+    rows = torch.arange(n, device=cost_v.device)
+    obj = cost_v[:, rows[None, :], perms].sum(-1)  # (G, P)
+    if cost_e is not None:
+        ce = cost_e * _pair_mask(edges_s, edges_t, cost_e.dtype)
+        i, j = rows[None, :, None], rows[None, None, :]
+        obj = obj + ce[:, i, j, perms[:, :, None], perms[:, None, :]].sum((-2, -1))  # (G, P)
+    best = perms[obj.argmax(dim=1)]  # (G, N)
+    return torch.nn.functional.one_hot(best, n).to(cost_v.dtype)
 
 
 def _pygm(method: str, k: torch.Tensor, n: int, x0: torch.Tensor, options: dict[str, Any]) -> torch.Tensor:
