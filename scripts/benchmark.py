@@ -345,6 +345,10 @@ def main(
     medvit_image_size: int = 224,
     medvit_volume_size: int = 64,
     medvit_batch3d: int = 4,
+    lvmmed: bool = True,
+    lvmmed_batch: int = 32,
+    lvmmed_image_size: int = 64,
+    lvmmed_full: bool = False,
 ) -> None:
     """Run the step, data, explainer and MedViT benchmarks (sections off with --methods/--explainers/--medvit False).
 
@@ -370,7 +374,7 @@ def main(
     t_data = time.perf_counter() - t0
     extra: list[tuple[str, str]] = []
     t_extra = 0.0
-    if explainers or medvit:
+    if explainers or medvit or lvmmed:
         sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling section modules
         t0 = time.perf_counter()
         if explainers:
@@ -385,6 +389,12 @@ def main(
             extra += bench_medvit.rows(batch=int(medvit_batch), image_size=int(medvit_image_size),
                                        volume_size=int(medvit_volume_size), steps=int(steps), warmup=int(warmup),
                                        device=device, seed=int(seed), tiny=size == "tiny", batch3d=int(medvit_batch3d))
+        if lvmmed:  # LVM-Med: graph matching over the backbone (stand-in; --lvmmed_full adds ResNet-50 224², batch 64)
+            import bench_lvmmed
+
+            extra += bench_lvmmed.rows(batch=int(lvmmed_batch), image_size=int(lvmmed_image_size),
+                                       graph_size=min(16, int(lvmmed_batch)), steps=max(1, int(steps) // 2),
+                                       warmup=min(int(warmup), 1), device=device, seed=int(seed), full=bool(lvmmed_full))
         t_extra = time.perf_counter() - t0
     load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
