@@ -260,9 +260,15 @@ def test_objective_is_reproducible_with_a_seed():
 
 # ------------------------------------------------------------------------------------ learning check
 
-#: Settings of the learning check (the bundle's demo copies them). *Not from the paper*: see the
-#: GraphMatchingObjective docstring for why the edge weight and the noise temperature are smaller.
-LEARNING_SETTINGS = dict(edge_weight=0.0, noise_temperature=0.1, lr=3e-3, steps=200)
+#: Settings of the learning check, which the bundle's demo copies. *Not from the paper* (see the
+#: GraphMatchingObjective docstring): edge weight 0.1 instead of 1, Gumbel noise at temperature 0.1
+#: instead of 1, no gradient through the edge affinities, IPFP capped at 10 iterations; everything else
+#: (GCN, k = 5, α = 0.8, γ = 20, λ = 80, Hungarian + IPFP second-order solve) as in the paper.
+LEARNING_OBJECTIVE = dict(edge_weight=0.1, noise_temperature=0.1, edge_gradient=False, solver_options={"max_iter": 10})
+LEARNING_RUN = dict(lr=3e-3, steps=200, items=32, draws=6)
+#: Measured when the test was written (1 torch thread, ~13 s per run on a shared 2-core machine):
+#: mean matching accuracy of the first 20 -> last 30 steps, chance = 1/16 = 0.0625.
+LEARNING_RESULTS = {0: (0.166, 0.365), 1: (0.181, 0.341), 2: (0.175, 0.318)}
 
 
 def _blobs(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:
@@ -278,21 +284,24 @@ def _blobs(n: int, size: int = 16, seed: int = 0) -> torch.Tensor:
     return imgs.clamp(0, 1)
 
 
-def _learn(seed: int, edge_weight: float, noise_temperature: float, lr: float, steps: int, **kw) -> tuple[float, float]:
+def _learn(seed: int, lr: float, steps: int, items: int, draws: int, **objective_kw) -> tuple[float, float]:
+    """Train a 2-layer conv net + the objective on ``items`` blob images; returns the mean matching
+    accuracy of the first 20 and the last 30 steps. Each item has a pool of ``draws`` TwoViews pairs
+    (made once, for speed); every step uses a random pair of each item, in a random order."""
     torch.manual_seed(seed)
-    imgs = _blobs(32, seed=seed)
+    imgs = _blobs(items, seed=seed)
     net = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 3, 2, 1))  # 16x16 -> 32x4x4
-    obj = GraphMatchingObjective(
-        32, projector_dim=32, gcn_width=32, edge_weight=edge_weight, noise_temperature=noise_temperature, seed=seed, **kw
-    )
+    obj = GraphMatchingObjective(32, projector_dim=32, gcn_width=32, seed=seed, **objective_kw)
     opt = torch.optim.Adam([*net.parameters(), *obj.parameters()], lr=lr)
     views = TwoViews(16, blur_prob=0.0, solarize_prob=0.0)
     views.set_random_state(seed)
+    pool = [[views({"image": im}) for _ in range(draws)] for im in imgs]
+    keys = ("view_s", "view_t", "geom_s", "geom_t")
+    pool = {k: torch.stack([torch.stack([d[k] for d in item]) for item in pool]) for k in keys}
     acc = []
     for _ in range(steps):
-        items = [views({"image": im}) for im in imgs]
-        perm = torch.randperm(len(items))
-        batch = {k: torch.stack([items[i][k] for i in perm]) for k in ("view_s", "view_t", "geom_s", "geom_t")}
+        order, draw = torch.randperm(items), torch.randint(draws, (items,))
+        batch = {k: v[order, draw[order]] for k, v in pool.items()}
         out = obj(net(batch["view_s"]), net(batch["view_t"]), batch["geom_s"], batch["geom_t"])
         opt.zero_grad()
         out.loss.backward()
@@ -302,10 +311,11 @@ def _learn(seed: int, edge_weight: float, noise_temperature: float, lr: float, s
 
 
 def test_matching_accuracy_rises_well_above_chance():
+    # seeds 0, 1, 2 all pass with these settings (LEARNING_RESULTS); the test runs seed 0
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        first, last = _learn(0, **LEARNING_SETTINGS)
+        first, last = _learn(0, **LEARNING_RUN, **LEARNING_OBJECTIVE)
     finally:
         torch.set_num_threads(threads)
     chance = 1 / 16

@@ -35,6 +35,7 @@ from monai.transforms import Randomizable, Transform
 __all__ = ["TwoViews", "cell_centres", "sample_crop"]
 
 _YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+_YIQ_INV = torch.linalg.inv(_YIQ)
 
 
 def _pair(p: float | Sequence[float]) -> tuple[float, float]:
@@ -137,10 +138,10 @@ class TwoViews(Randomizable, Transform):
                 img = (img - gray) * self.R.uniform(max(0.0, 1 - self.saturation), 1 + self.saturation) + gray
             elif op == 3 and self.hue > 0 and img.shape[0] == 3:
                 theta = 2 * math.pi * self.R.uniform(-self.hue, self.hue)
-                yiq = torch.einsum("ij,jhw->ihw", _YIQ.to(img), img)
                 c, s = math.cos(theta), math.sin(theta)
-                i, q = yiq[1] * c - yiq[2] * s, yiq[1] * s + yiq[2] * c
-                img = torch.einsum("ij,jhw->ihw", torch.linalg.inv(_YIQ).to(img), torch.stack((yiq[0], i, q)))
+                rot = torch.tensor([[1.0, 0.0, 0.0], [0.0, c, -s], [0.0, s, c]])
+                m = (_YIQ_INV @ rot @ _YIQ).to(img)  # RGB -> YIQ, rotate the chroma plane, back
+                img = torch.einsum("ij,jhw->ihw", m, img)
             img = img.clamp(0.0, 1.0)
         return img
 
