@@ -163,6 +163,21 @@ def test_edge_affinity_invariant_to_a_shift_of_a_view():
     assert torch.isclose(ce[0, i, j, a, b], nn.functional.cosine_similarity(hs[0, i] - hs[0, j], ht[0, a] - ht[0, b], dim=0))
 
 
+def test_edge_affinity_of_identical_nodes_is_zero_with_a_bounded_gradient():
+    # adjacent nodes with the same closed neighbourhood get identical GCN outputs: their difference
+    # is the zero vector, whose cosine counts as 0 and must not blow up the gradient
+    gen = torch.Generator().manual_seed(11)
+    hs = torch.randn(1, 6, 4, generator=gen)
+    hs[0, 1] = hs[0, 0]
+    hs.requires_grad_()
+    ht = torch.randn(1, 6, 4, generator=gen)
+    es = torch.ones(1, 6, 6, dtype=torch.bool) & ~torch.eye(6, dtype=torch.bool)
+    ce = edge_affinity(hs, ht, es, es)
+    assert torch.count_nonzero(ce[0, 0, 1]) == 0 and torch.count_nonzero(ce[0, 1, 0]) == 0
+    ce.sum().backward()
+    assert torch.isfinite(hs.grad).all() and hs.grad.abs().max() < 100
+
+
 def test_vertex_affinity_bounds_and_combination():
     gen = torch.Generator().manual_seed(9)
     g, n, p, d = 2, 6, 9, 7
