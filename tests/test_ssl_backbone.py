@@ -112,3 +112,17 @@ def test_bad_arguments():
         LVMMedResNet("resnet101")
     with pytest.raises(ValueError, match="in_channels"):
         LVMMedResNet("resnet18", in_channels=2)
+
+
+def test_vit_feature_map_is_the_patch_tokens_on_their_grid():
+    from custom_components.networks.lvmmed_backbone import ViTFeatureMap
+
+    torch.manual_seed(0)
+    vit = ViTFeatureMap(img_size=32, patch_size=8, hidden_size=16, num_layers=1, num_heads=2, mlp_dim=32).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        out = vit(x)
+        tokens = vit.forward_features(x)
+    assert out.shape == (2, 16, 4, 4) and vit.out_channels == 16
+    # cell (r, c) is patch token 1 + r * 4 + c (row-major patches after the CLS token)
+    torch.testing.assert_close(out[:, :, 2, 3], tokens[:, 1 + 2 * 4 + 3])

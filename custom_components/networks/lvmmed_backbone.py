@@ -26,9 +26,18 @@ from pathlib import Path
 import torch
 
 from custom_components.networks.ham import DilatedResNet
-from custom_components.networks.pretrained import load_pretrained_resnet
+from custom_components.networks.pretrained import load_pretrained_resnet, load_pretrained_vit
+from custom_components.networks.vit import AttributionViT
 
-__all__ = ["LVMMedResNet", "LVMMED_ARCHS", "lvmmed_resnet", "backbone_state_dict", "load_backbone_weights"]
+__all__ = [
+    "LVMMedResNet",
+    "LVMMED_ARCHS",
+    "lvmmed_resnet",
+    "backbone_state_dict",
+    "load_backbone_weights",
+    "ViTFeatureMap",
+    "lvmmed_vit",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -90,4 +99,33 @@ def lvmmed_resnet(arch: str = "resnet50", in_channels: int = 3, pretrained_path:
     model = LVMMedResNet(arch=arch, in_channels=in_channels)
     if pretrained_path:
         load_backbone_weights(model, pretrained_path)
+    return model
+
+
+class ViTFeatureMap(AttributionViT):
+    """The collection's ViT (:class:`~custom_components.networks.vit.AttributionViT`) as a feature-map backbone.
+
+    ``forward`` returns the patch tokens after the last block and the final norm, without the CLS
+    token, as a map (B, D, g, g), g = img_size / patch_size (ViT-B/16 at 224: 768 x 14 x 14, the
+    map LVM-Med's ViT variant feeds the objective). The classifier head of the timm layout is kept
+    so that timm / DINO / MAE files load unchanged, but takes no part in ``forward`` (under DDP
+    its parameters need ``find_unused_parameters=True``). This is not the SAM ViT-B encoder of the
+    released ``lvmmed_vit.pth`` (windowed attention, relative positions): the spec's key mapping
+    for that file is not implemented here.
+    """
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.out_channels = self.hidden_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.forward_features(x)[:, 1:]
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], self.hidden_size, self.grid_size, self.grid_size)
+
+
+def lvmmed_vit(pretrained_path: str | os.PathLike | None = None, **kwargs) -> ViTFeatureMap:
+    """:class:`ViTFeatureMap` (``AttributionViT`` arguments), initialised from a local timm-layout file when given."""
+    model = ViTFeatureMap(**kwargs)
+    if pretrained_path:
+        load_pretrained_vit(model, pretrained_path)
     return model
