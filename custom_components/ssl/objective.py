@@ -84,11 +84,7 @@ class GraphMatchingObjective(nn.Module):
             on differences, are unchanged by it).
         edge_gradient: let the IMLE gradient (ẽ − e_λ)/λ flow through c_e into the GCN and projector
             (*not from the paper* as an option; default True = paper). False keeps c_e in the
-            second-order solve but trains only through c_v. Measured on the tiny learning check
-            (tests/test_ssl_objective.py): with the GCN on, any edge weight ≥ 0.01 *with* the edge
-            gradient kept the matching accuracy at chance (≈ 0.06 after 200–300 steps), the same
-            run with the edge gradient off rose to ≈ 0.3. The cosine of node *differences*
-            has a gradient ∝ 1/|ẑ_i − ẑ_j|, large when the GCN has smoothed neighbours together.
+            second-order solve but trains only through c_v (an ablation / fallback).
         seed: optional seed of a private generator for the IMLE noise (None = torch's global RNG).
 
     ``forward(maps_s, maps_t, geom_s, geom_t)`` with maps (B, D, R, S) and geometry (B, 5) as made by
