@@ -353,6 +353,10 @@ def main(
     ham: bool = True,
     ham_batch: int = 4,
     ham_image_size: int = 256,
+    lvmmed: bool = True,
+    lvmmed_batch: int = 32,
+    lvmmed_image_size: int = 64,
+    lvmmed_full: bool = False,
 ) -> None:
     """Run the step, data, explainer, MedViT and HAM benchmarks (sections off with --methods/--explainers/--medvit/--ham False).
 
@@ -378,7 +382,7 @@ def main(
     t_data = time.perf_counter() - t0
     extra: list[tuple[str, str]] = []
     t_extra = 0.0
-    if explainers or medvit or ham:
+    if explainers or medvit or ham or lvmmed:
         sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling section modules
         t0 = time.perf_counter()
         if explainers:
@@ -400,6 +404,12 @@ def main(
             extra += bench_ham.rows(batch=int(ham_batch), image_size=int(ham_image_size),
                                     arch="resnet18" if tiny else "resnet50", steps=max(1, int(steps) // 2),
                                     warmup=min(int(warmup), 1), device=device, seed=int(seed), tiny=tiny)
+        if lvmmed:  # LVM-Med: graph matching over the backbone (stand-in; --lvmmed_full adds ResNet-50 224², batch 64)
+            import bench_lvmmed
+
+            extra += bench_lvmmed.rows(batch=int(lvmmed_batch), image_size=int(lvmmed_image_size),
+                                       graph_size=min(16, int(lvmmed_batch)), steps=max(1, int(steps) // 2),
+                                       warmup=min(int(warmup), 1), device=device, seed=int(seed), full=bool(lvmmed_full))
         t_extra = time.perf_counter() - t0
     load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 

@@ -61,6 +61,13 @@ PROFILES: dict[str, dict] = {
         "what": "3-D IoU / Dice of the left-atrium blood cavity (label 420) per test volume, then the means over "
         "the 7 structures",
     },
+    "lvmmed_det_vindr": {
+        "metrics_file": "eval/metrics_test.json",
+        "metrics": ("map50", "map"),
+        "evaluate": ("configs/evaluate.json",),
+        "shared": {"prepared_dir": "prepared"},
+        "what": "AP@0.5 (the paper's metric) and mAP@[0.5:0.95], means over the classes with test boxes",
+    },
     "lvmmed_cls_brain": {
         "metrics_file": "eval/metrics_test.json",
         "metrics": ("accuracy", "macro_f1", "macro_auroc"),

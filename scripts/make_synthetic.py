@@ -27,6 +27,7 @@ thick-slice scan ``--shape 40,32,9 --spacing 0.9,0.9,6.5``; the defaults are tho
     python scripts/make_synthetic.py mmwhs --output_dir D [--n_per_split 3,1,1] [--shape 96,96,40] [--seed 0]
         [--modality ct|mr]
     python scripts/make_synthetic.py vindr --output_dir D [--n_images 24] [--size 96] [--seed 0] [--n_dicom 0]
+    python scripts/make_synthetic.py ssl2d --output_dir D [--n_images 48] [--size 64] [--seed 0] [--n_test 12]
 """
 
 from __future__ import annotations
@@ -191,6 +192,16 @@ def vindr(output_dir: str, n_images: int = 24, size: int = 96, seed: int = 0, n_
     return str(root)
 
 
+def ssl2d(output_dir: str, n_images: int = 48, size: int = 64, seed: int = 0, n_test: int | None = None) -> str:
+    """Unlabelled collection for LVM-Med pre-training: grey and RGB PNGs, one NIfTI volume, ``datalist.json``."""
+    from custom_components.data.synthetic import write_ssl2d_twin
+
+    root = write_ssl2d_twin(output_dir, n_images=int(n_images), size=int(size), seed=int(seed),
+                            n_test=None if n_test is None else int(n_test))
+    print(root)
+    return str(root)
+
+
 COMMANDS = {"brats20": brats20, "lits17": lits17, "medmnist2d": medmnist2d, "medmnist3d": medmnist3d,
             "kvasir": kvasir, "mura": mura, "nihcxr14": nihcxr14, "vit_checkpoints": vit_checkpoints}
 COMMANDS["vindr"] = vindr
@@ -252,6 +263,7 @@ def mmwhs(output_dir: str, n_per_split: str | Sequence[int] = (3, 1, 1), shape: 
 
 
 COMMANDS.update({"mmwhs": mmwhs})
+COMMANDS["ssl2d"] = ssl2d
 
 
 def main(argv: list[str] | None = None) -> int:

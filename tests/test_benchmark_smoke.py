@@ -23,7 +23,8 @@ def test_benchmark_tiny_all_sections(tmp_path):
            "--data_cases", "2", "--data_shape", "48,48,12", "--image_size", "32", "--batch", "4",
            "--explain_batch", "3", "--explain_image_size", "32", "--explain_lrp_loop_batch", "2",
            "--medvit_batch", "2", "--medvit_image_size", "32", "--medvit_volume_size", "16", "--medvit_batch3d", "2",
-           "--ham_batch", "2", "--ham_image_size", "32", "--out", str(out)]  # fmt: skip
+           "--ham_batch", "2", "--ham_image_size", "32", "--lvmmed_batch", "8", "--lvmmed_image_size", "32",
+           "--out", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=subprocess_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = out.read_text()
@@ -37,6 +38,8 @@ def test_benchmark_tiny_all_sections(tmp_path):
         ratio, a, b = (float(v) for v in re.search(r"\*\*([0-9.]+)x\*\* \(([0-9.]+) ms / ([0-9.]+) ms\)", row).groups())
         assert ratio > 0 and ratio == pytest.approx(a / b, rel=0.05, abs=0.01)
     # the explainer section: one ratio per method and the LRP loop comparison
+    # the LVM-Med section: graph matching over the backbone's forward + backward
+    assert _ratio(table, "LVM-Med graph matching / backbone fwd+bwd") > 0
     for label in ("GAE", "LRP", "Grad-CAM", "rollout"):
         assert any(label in line and "x**" in line for line in table.splitlines()), label
     # the HAM section: the step ratio against the plain ResNet agrees with its two step times, and map times

@@ -43,6 +43,9 @@ def _twin(bundle: str, root: Path) -> tuple[Path, dict]:
         return synthetic.write_kvasir_seg_twin(root / "kvasir_seg", n_images=10, size=48, seed=1), {"image_size": 32}
     if bundle == "lvmmed_seg3d_mmwhs":
         return synthetic.write_mmwhs_twin(root / "mmwhs", n_per_split=(2, 1, 1), shape=(24, 24, 8), seed=1), {"image_size": 32}
+    if bundle == "lvmmed_pretrain":
+        data = synthetic.write_ssl2d_twin(root, n_images=32, size=40, seed=1)
+        return data, {"image_size": 32, "arch": "resnet18", "graph_size": 8, "knn_k": 3, "batch_size": 8}
     small = {"image_size": 32, "resize_short": 36, "network_def#patch_size": 8}
     if bundle == "vit_attention_maps_kvasir":
         return synthetic.write_kvasir_twin(root / "kvasir", n_per_class=4, size=(80, 64), seed=1), small

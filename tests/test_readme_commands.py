@@ -186,6 +186,10 @@ def _vindr(d: Path) -> dict[str, str]:
     weights.parent.mkdir(parents=True, exist_ok=True)
     torch.save(DilatedResNet("resnet18", output_stride=32, dilation=False).state_dict(), weights)
     return {"--dataset_dir": str(d), "--pretrained_path": str(weights)}
+def _ssl2d(d: Path) -> dict[str, str]:
+    from custom_components.data.synthetic import write_ssl2d_twin
+
+    return {"--dataset_dir": str(write_ssl2d_twin(d, n_images=40, size=48, seed=1))}
 
 
 @dataclass(frozen=True)
@@ -265,6 +269,13 @@ CASES = {
         ("configs/train.json", "configs/demo.json"), ("configs/train.json",), "bundles/lvmmed_seg3d_mmwhs",
         _mmwhs, (2, 1, 32, 32),
         {"--image_size": 32, "--backbone": "resnet18", "--decoder_channels": [64, 32, 16, 16, 8], "--batch_size": 8},
+    ),
+    # demo.json's backbone and graphs, so that train.json alone builds the same small network
+    "lvmmed_pretrain": Case(
+        ("configs/train.json", "configs/demo.json"), ("configs/train.json",), "bundles/lvmmed_pretrain",
+        _ssl2d, (2, 3, 32, 32),
+        {"--image_size": 32, "--arch": "resnet18", "--graph_size": 8, "--knn_k": 3, "--num_matches": 4,
+         "--batch_size": 8},
     ),
 }  # fmt: skip
 # demo.json's ResNet-18 FPN (layer1-2, 32 channels, its anchors), so that train.json alone builds the same small network

@@ -1024,3 +1024,57 @@ def write_vindr_twin(
 
 
 __all__ += ["write_vindr_twin"]
+def _ssl_image(rng: np.random.Generator, size: int, rgb: bool) -> np.ndarray:
+    """One distinct unlabelled image: a smooth background, 2-4 ellipses and a bright disc, uint8
+    (size, size) or (size, size, 3); every image gets its own layout and intensities."""
+    img = 0.35 + 0.15 * _noise2d(rng, size, size)
+    for _ in range(int(rng.integers(2, 5))):
+        cx, cy = rng.uniform(0.15, 0.85, 2) * size
+        a, b = rng.uniform(0.08, 0.3, 2) * size
+        img = np.where(_ellipse(size, size, cx, cy, a, b, rng.uniform(0, np.pi)), rng.uniform(0.1, 0.9), img)
+    cx, cy = rng.uniform(0.2, 0.8, 2) * size
+    img = np.where(_ellipse(size, size, cx, cy, 0.07 * size, 0.07 * size, 0.0), 1.0, img)
+    img = np.clip(img + rng.normal(0, 0.02, img.shape), 0, 1)
+    if rgb:
+        tint = rng.uniform(0.6, 1.0, 3)
+        img = img[..., None] * tint[None, None, :]
+    return (img * 255).round().astype(np.uint8)
+
+
+def write_ssl2d_twin(output_dir: str | os.PathLike, n_images: int = 48, size: int = 64, seed: int = 0,
+                     n_test: int | None = None, volume_shape: Sequence[int] = (48, 48, 6)) -> Path:
+    """Unlabelled 2-D collection for the LVM-Med pre-training bundle; returns ``output_dir``.
+
+    Writes ``grey/img_<k:04d>.png`` (8-bit grey) and ``rgb/img_<k:04d>.png`` (8-bit RGB), alternating,
+    ``n_images`` in all, each ``size`` x ``size`` with its own layout of ellipses and a bright disc
+    (so that two views of one image can be told from the others);
+    ``volumes/vol_000.nii.gz``, one small NIfTI volume (``volume_shape``, axial slices along the
+    last axis) of smooth structures; and ``datalist.json``:
+    ``{"training": [{"image": REL}, ...], "test": [...]}`` with paths relative to ``output_dir``,
+    the last ``n_test`` images (default ``max(n_images // 4, 1)``) held out as ``test`` and the
+    volume in ``training``. Deterministic from ``seed``.
+    """
+    from PIL import Image
+
+    out = Path(output_dir)
+    rng = np.random.default_rng(seed)
+    n_images = int(n_images)
+    n_test = max(n_images // 4, 1) if n_test is None else int(n_test)
+    entries = []
+    for k in range(n_images):
+        rgb = k % 2 == 1
+        rel = f"{'rgb' if rgb else 'grey'}/img_{k:04d}.png"
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(_ssl_image(rng, int(size), rgb)).save(out / rel)
+        entries.append({"image": rel})
+    shape = tuple(int(s) for s in volume_shape)
+    grid = _grid(shape)
+    vol = 200.0 * _smooth_noise(rng, shape, 0.3)
+    r = np.sqrt(grid[0] ** 2 + grid[1] ** 2)
+    vol = vol + 800.0 * (r < 0.5) - 1000.0 * (r > 0.9)
+    (out / "volumes").mkdir(parents=True, exist_ok=True)
+    nib.save(_nifti(vol.astype(np.float32), np.eye(4)), out / "volumes" / "vol_000.nii.gz")
+    split = n_images - n_test
+    datalist = {"training": [*entries[:split], {"image": "volumes/vol_000.nii.gz"}], "test": entries[split:]}
+    (out / "datalist.json").write_text(json.dumps(datalist, indent=2) + "\n")
+    return out
