@@ -23,12 +23,7 @@ A bundle is added with one entry of :data:`PROFILES` (its metrics file and keys)
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import math
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,8 +33,14 @@ import fire
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from custom_components.handlers.report import format_mean_std, markdown_table  # noqa: E402
-from custom_components.io import InputDataError, atomic_write_text  # noqa: E402
+from custom_components.io import InputDataError  # noqa: E402
+from custom_components.reports.comparison import (  # noqa: E402
+    WORKFLOWS_FLAG,
+    run_child_workflows,
+    run_workflows,
+    summarise,
+    write_comparison,
+)
 from custom_components.runs import check_override_ids  # noqa: E402
 
 #: per bundle: the metrics file (under the run's bundle root) and its keys to tabulate, the configs
@@ -78,15 +79,6 @@ PROFILES: dict[str, dict] = {
 }
 INIT_ORDER = ("scratch", "imagenet", "lvmmed")
 DEFAULT_SEEDS = (42, 43, 44)
-WORKFLOWS_FLAG = "--run_workflows"
-
-
-def run_workflows(workflows: list[dict]) -> None:
-    """Run ``monai.bundle run`` workflows one after the other in this process."""
-    from monai.bundle import run
-
-    for workflow in workflows:
-        run(**workflow)
 
 
 def available_inits(bundle_dir: Path) -> list[str]:
@@ -106,18 +98,7 @@ def _run_one(bundle_dir: Path, run_dir: Path, init: str, seed: int, common: dict
         {"run_id": "training", "config_file": configs, "resume": True, **base, **train_extra},
         {"run_id": "evaluating", "config_file": [*configs, *profile["evaluate"]], **base},
     ]
-    cmd = [sys.executable, str(Path(__file__).resolve()), WORKFLOWS_FLAG, json.dumps(workflows)]
-    log = run_dir / "log.txt"
-    with open(log, "a") as fh:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        proc = subprocess.run(cmd, cwd=bundle_dir, stdout=fh, stderr=subprocess.STDOUT, env=env)
-    if proc.returncode == 2:  # the bundle's one-line input error: pass it on as it is
-        errors = [line for line in log.read_text().splitlines() if line.startswith("error: ")]
-        if errors:
-            raise InputDataError(f"{init} seed {seed}", f"{errors[-1][len('error: '):]} (log {log})")
-    if proc.returncode != 0:
-        tail = log.read_text()[-3000:]
-        raise RuntimeError(f"{init} seed {seed} failed (exit {proc.returncode}); log {log}:\n{tail}")
+    run_child_workflows(__file__, workflows, bundle_dir, run_dir / "log.txt", f"{init} seed {seed}", append=True)
 
 
 def _read_results(path: Path, keys: tuple[str, ...]) -> dict[str, float]:
@@ -196,30 +177,13 @@ def compare(
             results.setdefault(init, []).append(_read_results(metrics_file, profile["metrics"]))
 
     keys = profile["metrics"]
-    rows, csv_rows = [], []
-    for init, per_seed in results.items():
-        row, csv_row = {"init": init, "seeds": len(per_seed)}, {"init": init, "seeds": len(per_seed)}
-        for key in keys:
-            values = [r[key] for r in per_seed if not math.isnan(r[key])]
-            row[key] = format_mean_std(values) if values else "n/a"
-            mean = sum(values) / len(values) if values else float("nan")
-            std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
-            csv_row[f"{key}_mean"], csv_row[f"{key}_std"] = mean, std
-        rows.append(row)
-        csv_rows.append(csv_row)
-    table = (
+    rows, csv_rows = summarise(results, keys, "init")
+    heading = (
         f"# Initialisation comparison: {name} (test split, {len(seed_list)} seeds: {', '.join(map(str, seed_list))}"
         f"{', demo settings' if demo else ''})\n\n"
         f"{profile['what']}; in %, mean ± std over seeds (sample std).\n\n"
-        + markdown_table(rows, ["init", "seeds", *keys])
-        + "\n"
     )
-    atomic_write_text(table, out / "comparison.md")
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(csv_rows[0]))
-    writer.writeheader()
-    writer.writerows(csv_rows)
-    atomic_write_text(buf.getvalue(), out / "comparison.csv")
+    table = write_comparison(out, heading, rows, csv_rows, ["init", "seeds", *keys])
     print(table)
     return str(out / "comparison.md")
 

@@ -24,12 +24,7 @@ A (method, seed) whose outputs already exist is not run again, so an interrupted
 
 from __future__ import annotations
 
-import csv
-import io
 import json
-import math
-import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -41,14 +36,17 @@ import fire
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from custom_components.handlers.report import format_mean_std, markdown_table  # noqa: E402
-from custom_components.io import InputDataError, atomic_write_text  # noqa: E402
+from custom_components.io import InputDataError  # noqa: E402
+from custom_components.reports.comparison import (  # noqa: E402
+    WORKFLOWS_FLAG,
+    run_child_workflows,
+    run_workflows,
+    summarise,
+    write_comparison,
+)
 from custom_components.runs import check_override_ids  # noqa: E402
 
 DEFAULT_SEEDS = (42, 43, 44)
-# evaluate.json and inference.json both define MONAI's top-level inference ids (dataset, evaluator,
-# inferer): each run merges one of them, so the workflows run one after the other
-WORKFLOWS_FLAG = "--run_workflows"
 TIOU_THRESHOLDS = ("0.1", "0.2", "0.3", "0.4", "0.5", "0.6", "0.7")
 
 
@@ -123,14 +121,6 @@ def profile_of(bundle_name: str) -> Profile:
     raise InputDataError(bundle_name, f"no comparison profile (known: {', '.join(f'{p}*' for p in PROFILES)})")
 
 
-def run_workflows(workflows: list[dict]) -> None:
-    """Run ``monai.bundle run`` workflows one after the other in this process."""
-    from monai.bundle import run
-
-    for workflow in workflows:
-        run(**workflow)
-
-
 def available_methods(bundle_dir: Path, profile: Profile) -> list[str]:
     found = {p.stem for p in (bundle_dir / "configs" / "methods").glob("*.json")}
     if profile.plain_method:
@@ -151,24 +141,9 @@ def _run_one(bundle_dir: Path, run_dir: Path, profile: Profile, method: str, see
          **common, **fixed, **overrides}
         for run_id, extra, fixed in profile.workflows
     ]  # fmt: skip
-    cmd = [sys.executable, str(Path(__file__).resolve()), WORKFLOWS_FLAG, json.dumps(workflows)]
-    log = run_dir / "log.txt"
-    with open(log, "w") as fh:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        proc = subprocess.run(cmd, cwd=bundle_dir, stdout=fh, stderr=subprocess.STDOUT, env=env)
-    if proc.returncode == 2:  # the bundle's one-line input error: pass it on as it is
-        errors = [line for line in log.read_text().splitlines() if line.startswith("error: ")]
-        if errors:
-            raise InputDataError(f"{method} seed {seed}", f"{errors[-1][len('error: '):]} (log {log})")
-    if proc.returncode != 0:
-        tail = log.read_text()[-3000:]
-        raise RuntimeError(f"{method} seed {seed} failed (exit {proc.returncode}); log {log}:\n{tail}")
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    mean = sum(values) / len(values) if values else float("nan")
-    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
-    return mean, std
+    # evaluate.json and inference.json both define MONAI's top-level inference ids (dataset, evaluator,
+    # inferer): each run merges one of them, so the workflows run one after the other
+    run_child_workflows(__file__, workflows, bundle_dir, run_dir / "log.txt", f"{method} seed {seed}")
 
 
 def compare(
@@ -226,26 +201,12 @@ def compare(
             for row, values in profile.read(run_dir, method).items():
                 results.setdefault(row, []).append(values)
 
-    first = "method"
-    rows, csv_rows = [], []
-    for row_name, per_seed in results.items():
-        row, csv_row = {first: row_name}, {first: row_name, "seeds": len(per_seed)}
-        for key in profile.columns:
-            values = [r[key] for r in per_seed if not math.isnan(r[key])]
-            row[key] = format_mean_std(values) if values else "n/a"
-            csv_row[f"{key}_mean"], csv_row[f"{key}_std"] = _mean_std(values)
-        rows.append(row)
-        csv_rows.append(csv_row)
-    table = (
+    rows, csv_rows = summarise(results, profile.columns, "method")
+    heading = (
         f"# Method comparison: {name} (test split, {len(seed_list)} seeds: {', '.join(map(str, seed_list))})\n\n"
-        + profile.note + "\n\n" + markdown_table(rows, [first, *profile.columns]) + "\n"
+        + profile.note + "\n\n"
     )
-    atomic_write_text(table, out / "comparison.md")
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(csv_rows[0]))
-    writer.writeheader()
-    writer.writerows(csv_rows)
-    atomic_write_text(buf.getvalue(), out / "comparison.csv")
+    table = write_comparison(out, heading, rows, csv_rows, ["method", *profile.columns])
     print(table)
     return str(out / "comparison.md")
 
