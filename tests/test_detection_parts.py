@@ -206,3 +206,11 @@ def test_pretrained_init_loads_every_backbone_tensor(tmp_path, caplog):
         detection_network(3, arch="resnet18", init="imagenet", pretrained_path=tmp_path / "missing.pth")
     with pytest.raises(ValueError, match="scratch"):
         detection_network(3, arch="resnet18", init="scratch", pretrained_path=path)
+
+
+def test_non_consecutive_fpn_layers_are_refused():
+    from custom_components.detection.retinanet import DetectionNetwork
+
+    # the anchor scales assume one stride-2 step between pyramid levels
+    with pytest.raises(ValueError, match="consecutive"):
+        DetectionNetwork(num_classes=3, arch="resnet18", returned_layers=(1, 3), fpn_channels=8)

@@ -132,6 +132,9 @@ def test_fgadr_datalist(tmp_path):
     (root / "DR_Seg_Grading_Label.csv").write_text("image,grade\n0001_x.png,7\n")
     with pytest.raises(InputDataError, match=r"not one of 0\.\.4"):
         fgadr_datalist(root)
+    (root / "DR_Seg_Grading_Label.csv").write_text("image,grade\n0001_x.png,inf\n")
+    with pytest.raises(InputDataError, match="is not a number"):
+        fgadr_datalist(root)
 
 
 def test_fundus_augment_crop_and_autocontrast():

@@ -79,6 +79,13 @@ def test_resume_skips_prepared_cases(kvasir, tmp_path):
     assert json.loads((out / "datalist.json").read_text()) == first
     with pytest.raises(InputDataError, match="other settings"):
         prepare_seg2d(kvasir, out, image_size=48, progress=False)
+    # killed before its first record: the settings written at the start still refuse a resume with other ones
+    (out / "prepare.json").unlink()
+    with pytest.raises(InputDataError, match="other settings"):
+        prepare_seg2d(kvasir, out, image_size=48, progress=False)
+    (out / "prepare_settings.json").write_text("{not json")
+    with pytest.raises(InputDataError, match="unreadable preparation record"):
+        prepare_seg2d(kvasir, out, image_size=32, progress=False)
 
 
 def test_split_proportions_and_seed(tmp_path):

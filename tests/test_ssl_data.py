@@ -41,6 +41,10 @@ def test_twin_datalist_becomes_the_collection_with_volume_slices(twin, tmp_path)
     assert [e["image"] for e in data["training"]] == images + [str(p.resolve()) for p in slices]
     assert [e["image"] for e in data["test"]] == [str((twin / e["image"]).resolve()) for e in listed["test"]]
     assert held_out_list(path, "test", 3) == data["test"]
+    # another slice axis never reuses the slices written for this one
+    prepare_ssl_collection(twin, tmp_path / "prep", graph_size=4, slice_axis=0)
+    assert len(list((tmp_path / "prep" / "slices").iterdir())) == 2
+    assert len(sorted((tmp_path / "prep" / "slices").rglob("*.png"))) == 5 + 20
 
 
 def test_folders_and_datalists_merge_in_order(twin, tmp_path):

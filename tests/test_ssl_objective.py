@@ -262,6 +262,19 @@ def test_identical_views_match_perfectly_without_noise(kw):
     assert out.matching_accuracy.item() == 1.0 and out.loss.item() == 0.0
 
 
+def test_hungarian_solver_is_the_first_order_ablation():
+    # Hungarian ignores c^e, so no edge gradient may reach the GCN: the same loss and gradients as second_order=False
+    m = torch.randn(16, 8, 2, 2, generator=torch.Generator().manual_seed(6))
+    geom = FULL.repeat(16, 1)
+    grads = []
+    for kw in ({"solver": "hungarian"}, {"second_order": False}):
+        torch.manual_seed(7)
+        obj = GraphMatchingObjective(8, projector_dim=8, gcn_width=8, seed=9, **kw)
+        obj(m, m + 0.3 * torch.randn(m.shape, generator=torch.Generator().manual_seed(8)), geom, geom).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in obj.parameters() if p.grad is not None]))
+    assert grads[0].abs().sum() > 0 and torch.equal(grads[0], grads[1])
+
+
 def test_objective_is_reproducible_with_a_seed():
     m = torch.randn(16, 8, 2, 2, generator=torch.Generator().manual_seed(2))
     geom = FULL.repeat(16, 1)

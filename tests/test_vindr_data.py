@@ -140,6 +140,10 @@ def test_box_outside_image_and_unreadable_image(tmp_path):
     with pytest.raises(InputDataError) as e:
         vindr.prepare_vindr(tmp_path, tmp_path / "prep", image_size=16, progress=False)
     assert "train.csv" in str(e.value) and "outside the 30x20 image" in str(e.value)
+    # within the tolerance but beyond the border: clamped to the image it would have no area
+    (tmp_path / "train.csv").write_text(HEADER + "a,Cardiomegaly,3,R1,30.2,5,30.8,15\n")
+    with pytest.raises(InputDataError, match="has no area"):
+        vindr.prepare_vindr(tmp_path, tmp_path / "prep_border", image_size=16, progress=False)
     (tmp_path / "train" / "a.png").write_bytes(b"not a png")
     with pytest.raises(InputDataError) as e:
         vindr.prepare_vindr(tmp_path, tmp_path / "prep2", image_size=16, progress=False)

@@ -146,7 +146,7 @@ def _read_grades(csv_path: Path, num_grades: int) -> dict[str, int]:
                 raise InputDataError(csv_path, f"row {i + 1}: expected '<image name>,<grade>', got {row!r}")
             try:
                 grade = int(float(cells[1]))
-            except ValueError:
+            except (ValueError, OverflowError):  # not a number, or inf
                 if i == 0:
                     continue  # header
                 raise InputDataError(csv_path, f"row {i + 1}: grade {cells[1]!r} is not a number") from None

@@ -293,10 +293,17 @@ def prepare_seg2d(
         "max_mid_fraction": float(max_mid_fraction),
     }
     record = out / "prepare.json"
-    if record.is_file() and not overwrite:
-        saved = json.loads(record.read_text()).get("settings")
-        if saved != settings:
-            raise InputDataError(out, f"prepared with other settings ({saved}); use another output_dir or overwrite")
+    # the settings are recorded before the first case, so an interrupted run resumes only with the same ones
+    started = out / "prepare_settings.json"
+    for path in (record, started):
+        if path.is_file() and not overwrite:
+            try:
+                saved = json.loads(path.read_text()).get("settings")
+            except (ValueError, AttributeError):
+                raise InputDataError(path, "unreadable preparation record; use another output_dir or overwrite") from None
+            if saved != settings:
+                raise InputDataError(out, f"prepared with other settings ({saved}); use another output_dir or overwrite")
+    atomic_save_json({"settings": settings}, started)
     jpeg = layout == "kvasir"
     mid_total = 0
     for case in tqdm(cases, desc=f"prepare {layout}", disable=not progress):

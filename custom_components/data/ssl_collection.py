@@ -30,6 +30,7 @@ expect (grey: the mean of the three channels' values).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Hashable, Mapping, Sequence
@@ -171,12 +172,16 @@ def volume_slices(path: str | os.PathLike, out_dir: str | os.PathLike, slice_axi
     return written
 
 
-def _volume_folder(index: int, path: Path) -> str:
+def _volume_folder(path: Path, slice_axis: int) -> str:
+    """``<name>_<key>``: the key changes with the volume file (path, size, time) and the slice axis, so slices
+    written for another volume of the same name, an edited file or another axis are never reused."""
     name = path.name
     for ext in VOLUME_EXTS:
         if name.lower().endswith(ext):
             name = name[: -len(ext)]
-    return f"{index:04d}_{name}"
+    stat = path.stat()
+    key = hashlib.sha1(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{slice_axis}".encode()).hexdigest()[:12]
+    return f"{name}_{key}"
 
 
 def prepare_ssl_collection(
@@ -200,13 +205,11 @@ def prepare_ssl_collection(
     out = Path(output_dir)
     files = collect_sources(sources)
     lists: dict[str, list[str]] = {}
-    n_volumes = 0
     for split in SPLITS:
         entries: list[str] = []
         for path in files[split]:
             if _is_volume(path):
-                folder = out / "slices" / _volume_folder(n_volumes, path)
-                n_volumes += 1
+                folder = out / "slices" / _volume_folder(path, slice_axis)
                 entries.extend(str(p.resolve()) for p in volume_slices(path, folder, slice_axis))
             else:
                 entries.append(str(path.resolve()))

@@ -272,6 +272,10 @@ def _prepare_one(src: Path, image_id: str, boxes: list[list[float]], labels: lis
     sx, sy = size / width, size / height
     scaled = [[round(min(max(x0 * sx, 0.0), size), 3), round(min(max(y0 * sy, 0.0), size), 3),
                round(min(max(x1 * sx, 0.0), size), 3), round(min(max(y1 * sy, 0.0), size), 3)] for x0, y0, x1, y1 in boxes]
+    for box in scaled:  # a zero-area box would make every background anchor its low-quality match
+        if box[2] - box[0] <= 0 or box[3] - box[1] <= 0:
+            raise InputDataError(source_csv, f"image {image_id} ({src.name}): box {box} has no area on the "
+                                 f"{size} x {size} prepared image (a box on the image border?)")  # fmt: skip
     im = Image.fromarray(arr)
     if im.size != (size, size):
         im = im.resize((size, size), Image.BILINEAR)

@@ -62,6 +62,10 @@ class DetectionNetwork(nn.Module):
         backbone: nn.Module | None = None,
     ) -> None:
         super().__init__()
+        layers = sorted(int(k) for k in returned_layers)
+        if not layers or layers[0] < 1 or layers[-1] > 4 or layers != list(range(layers[0], layers[-1] + 1)):
+            # the anchor scales and size_divisible below assume one stride-2 step between levels
+            raise ValueError(f"returned_layers must be consecutive ResNet layers in 1..4, got {list(returned_layers)}")
         # the ResNet (weights already loaded, if any); the FPN body keeps its stem and layers up to
         # the last returned one, so unused later layers are not part of this network
         backbone = DilatedResNet(arch, output_stride=32, dilation=False) if backbone is None else backbone

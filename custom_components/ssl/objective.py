@@ -175,7 +175,8 @@ class GraphMatchingObjective(nn.Module):
         else:
             cost_v = vertex_affinity(hs, ht)
         cost_e, method = None, self.solver
-        if self.second_order:
+        # a first-order solver ignores c^e: building it would send an edge gradient that never shaped the matching
+        if self.second_order and self.solver != "hungarian":
             cost_e = self.edge_weight * edge_affinity(hs, ht, adj_s, adj_t)
             if not self.edge_gradient:
                 cost_e = cost_e.detach()
