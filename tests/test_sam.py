@@ -290,13 +290,15 @@ def test_vit_b_default_sizes():
     assert 85e6 < n < 95e6  # ViT-B image encoder ~89.7 M
 
 
-def test_traced_forward_matches_eager(pair, tmp_path):
-    """Export: ``torch.jit.trace`` of the one-tensor forward(images, boxes), saved and reloaded."""
+def test_torchscript_forward_matches_eager(pair, tmp_path):
+    """Export: ``torch.jit.script`` (what MONAI's ckpt_export uses) of forward(images, boxes), saved and reloaded."""
     _, ours = pair
     images, boxes, *_ = _inputs()
+    scripted = torch.jit.script(ours)
+    torch.jit.save(scripted, tmp_path / "sam.ts")
+    loaded = torch.jit.load(tmp_path / "sam.ts")
     with torch.no_grad():
-        traced = torch.jit.trace(ours, (images, boxes))
-        torch.jit.save(traced, tmp_path / "sam.ts")
-        loaded = torch.jit.load(tmp_path / "sam.ts")
-        other_boxes = boxes.flip(0)
-        torch.testing.assert_close(loaded(images, other_boxes), ours(images, other_boxes))
+        out = loaded(images, boxes.flip(0))
+        assert out.shape == (2, 1, 64, 64)
+        torch.testing.assert_close(out, ours(images, boxes.flip(0)))
+        torch.testing.assert_close(loaded(images[:1], boxes[:1]), ours(images[:1], boxes[:1]))

@@ -565,9 +565,10 @@ class SAMMaskDecoder(nn.Module):
         iou_token_out = hs[:, 0, :]
         mask_tokens_out = hs[:, 1 : 1 + self.num_mask_tokens, :]
         upscaled = self.output_upscaling(src.transpose(1, 2).reshape(b, c, h, w))
-        hyper_in = torch.stack(
-            [mlp(mask_tokens_out[:, i, :]) for i, mlp in enumerate(self.output_hypernetworks_mlps)], dim=1
-        )
+        hyper = []
+        for i, mlp in enumerate(self.output_hypernetworks_mlps):
+            hyper.append(mlp(mask_tokens_out[:, i, :]))
+        hyper_in = torch.stack(hyper, dim=1)
         b, c, h, w = upscaled.shape
         masks = (hyper_in @ upscaled.view(b, c, h * w)).view(b, -1, h, w)
         return masks, self.iou_prediction_head(iou_token_out)
@@ -642,7 +643,7 @@ class SAMBoxSegmenter(nn.Module):
         sparse, dense = self.prompt_encoder(points=None, boxes=boxes.to(embeddings.dtype), masks=None)
         return self.mask_decoder(embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense, False)
 
-    def decode(self, embeddings: torch.Tensor, boxes: torch.Tensor, output_size: Sequence[int] | None = None) -> torch.Tensor:
+    def decode(self, embeddings: torch.Tensor, boxes: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
         """Mask logits for one box per embedding: (B, 1, 4h, 4w), or resized to ``output_size``."""
         masks = self.decode_with_iou(embeddings, boxes)[0]
         if output_size is not None:
@@ -650,7 +651,7 @@ class SAMBoxSegmenter(nn.Module):
         return masks
 
     def forward(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.image_embeddings(images), boxes, output_size=images.shape[-2:])
+        return self.decode(self.image_embeddings(images), boxes, output_size=[images.shape[-2], images.shape[-1]])
 
 
 # ----------------------------------------------------------------------------------------------
