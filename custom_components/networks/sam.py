@@ -689,7 +689,8 @@ def load_lvmmed_vit_encoder(model: nn.Module, path: str | os.PathLike) -> nn.Mod
     """Load LVM-Med's ``lvmmed_vit.pth`` into ``model.image_encoder`` (or an encoder itself), strictly.
 
     The file holds the image encoder's tensors without the ``image_encoder.`` prefix and without
-    ``pos_embed`` (LVM-Med's encoder has no absolute positions): the encoder must be built with
+    ``pos_embed`` (LVM-Med builds SAM's ViT-B image encoder with ``use_abs_pos=False``, neck
+    included, and loads the file strictly into it): the encoder must be built with
     ``use_abs_pos=False``. Every other encoder tensor must be present with the encoder's shape.
     """
     encoder = model.image_encoder if isinstance(getattr(model, "image_encoder", None), nn.Module) else model
