@@ -305,3 +305,32 @@ def test_torchscript_forward_matches_eager(pair, tmp_path):
         assert out.shape == (2, 1, 64, 64)
         torch.testing.assert_close(out, ours(images, boxes.flip(0)))
         torch.testing.assert_close(loaded(images[:1], boxes[:1]), ours(images[:1], boxes[:1]))
+
+
+def test_frozen_encoders_and_cached_embeddings(pair):
+    """Default: gradients reach the mask decoder only; decode on cached embeddings == forward."""
+    ref, _ = pair
+    model = SAMBoxSegmenter(**SMALL)
+    model.load_state_dict(ref.state_dict())
+    model.train()
+    assert not model.image_encoder.training and not model.prompt_encoder.training and model.mask_decoder.training
+    images, boxes, *_ = _inputs()
+    model(images, boxes).sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    # single-mask output: the IoU head is outside the graph of the loss; the 3 multimask
+    # hypernetworks are inside it (all four masks are computed, then sliced) with zero gradient
+    with_grad = {n for n, g in grads.items() if g is not None}
+    assert with_grad == {n for n in grads if n.startswith("mask_decoder.") and ".iou_prediction_head." not in n}
+    multimask = [g for n, g in grads.items() if n.startswith(("mask_decoder.output_hypernetworks_mlps.1.",
+                                                              "mask_decoder.output_hypernetworks_mlps.3."))]
+    assert multimask and all(torch.count_nonzero(g) == 0 for g in multimask)
+    assert torch.count_nonzero(grads["mask_decoder.output_hypernetworks_mlps.0.layers.2.weight"]) > 0
+    with torch.no_grad():
+        cached = model.image_embeddings(images)
+        torch.testing.assert_close(model.decode(cached, boxes, output_size=[64, 64]), model(images, boxes))
+    tuned = SAMBoxSegmenter(train_image_encoder=True, **SMALL)
+    tuned.train()
+    assert tuned.image_encoder.training
+    tuned(images, boxes).sum().backward()
+    assert tuned.image_encoder.patch_embed.proj.weight.grad is not None
+    assert tuned.prompt_encoder.point_embeddings[2].weight.grad is None

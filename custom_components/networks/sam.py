@@ -586,6 +586,12 @@ class SAMBoxSegmenter(nn.Module):
     (x0, y0, x1, y1) in pixels of the S x S input. The mask decoder's single-mask output
     (``multimask_output=False``), predicted at 4x the embedding grid (256 for S = 1024), is
     up-sampled bilinearly to (H, W). Parameter names are those of ``sam_vit_b_01ec64.pth``.
+
+    Image and prompt encoders are frozen (no gradient, eval mode) unless ``train_image_encoder`` /
+    ``train_prompt_encoder``: with a frozen encoder, ``image_embeddings`` can be computed once and
+    ``decode`` trained on the cached embeddings (the same function as ``forward``).
+    The single-mask output leaves the IoU head out of the loss (as in the reference): under DDP,
+    ``find_unused_parameters=True``.
     """
 
     def __init__(
@@ -605,6 +611,8 @@ class SAMBoxSegmenter(nn.Module):
         decoder_mlp_dim: int = 2048,
         iou_head_hidden_dim: int = 256,
         normalize: bool = True,
+        train_image_encoder: bool = False,
+        train_prompt_encoder: bool = False,
     ) -> None:
         super().__init__()
         grid = img_size // patch_size
@@ -631,6 +639,19 @@ class SAMBoxSegmenter(nn.Module):
         self.normalize = normalize
         self.register_buffer("pixel_mean", torch.tensor(SAM_PIXEL_MEAN).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(SAM_PIXEL_STD).view(-1, 1, 1), persistent=False)
+        # the protocol fine-tunes the mask decoder only; frozen parts take no gradient and stay in eval mode
+        self.train_image_encoder = train_image_encoder
+        self.train_prompt_encoder = train_prompt_encoder
+        self.image_encoder.requires_grad_(train_image_encoder)
+        self.prompt_encoder.requires_grad_(train_prompt_encoder)
+
+    def train(self, mode: bool = True) -> SAMBoxSegmenter:
+        super().train(mode)
+        if not self.train_image_encoder:
+            self.image_encoder.eval()
+        if not self.train_prompt_encoder:
+            self.prompt_encoder.eval()
+        return self
 
     def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) images -> (B, C, S / patch, S / patch) embeddings (cacheable when frozen)."""
