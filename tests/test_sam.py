@@ -202,6 +202,10 @@ def test_box_segmenter_forward_matches_reference_pipeline(pair):
     torch.testing.assert_close(iou, iou_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(full, expected_full, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(ours.decode(emb, boxes, output_size=(64, 64)), full)
+    low_model = SAMBoxSegmenter(mask_size=32, **SMALL).eval()
+    low_model.load_state_dict(ours.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(low_model(images, boxes), expected, rtol=1e-5, atol=1e-4)
 
 
 def test_sam_checkpoint_loads_and_strict_errors(pair, tmp_path):

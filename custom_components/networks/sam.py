@@ -585,7 +585,9 @@ class SAMBoxSegmenter(nn.Module):
     with SAM's pixel mean / std inside when ``normalize``). ``boxes``: (B, 4) float
     (x0, y0, x1, y1) in pixels of the S x S input. The mask decoder's single-mask output
     (``multimask_output=False``), predicted at 4x the embedding grid (256 for S = 1024), is
-    up-sampled bilinearly to (H, W). Parameter names are those of ``sam_vit_b_01ec64.pth``.
+    up-sampled bilinearly to (H, W), or to ``mask_size`` x ``mask_size`` when ``mask_size > 0``
+    (``mask_size = 256`` at 1024 px input: the low-resolution logits on which the reference
+    computes its loss, unresized). Parameter names are those of ``sam_vit_b_01ec64.pth``.
 
     Image and prompt encoders are frozen (no gradient, eval mode) unless ``train_image_encoder`` /
     ``train_prompt_encoder``: with a frozen encoder, ``image_embeddings`` can be computed once and
@@ -613,6 +615,7 @@ class SAMBoxSegmenter(nn.Module):
         normalize: bool = True,
         train_image_encoder: bool = False,
         train_prompt_encoder: bool = False,
+        mask_size: int = 0,
     ) -> None:
         super().__init__()
         grid = img_size // patch_size
@@ -637,6 +640,7 @@ class SAMBoxSegmenter(nn.Module):
             iou_head_hidden_dim=iou_head_hidden_dim,
         )
         self.normalize = normalize
+        self.mask_size = int(mask_size)
         self.register_buffer("pixel_mean", torch.tensor(SAM_PIXEL_MEAN).view(-1, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(SAM_PIXEL_STD).view(-1, 1, 1), persistent=False)
         # the protocol fine-tunes the mask decoder only; frozen parts take no gradient and stay in eval mode
@@ -672,6 +676,8 @@ class SAMBoxSegmenter(nn.Module):
         return masks
 
     def forward(self, images: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        if self.mask_size > 0:
+            return self.decode(self.image_embeddings(images), boxes, output_size=[self.mask_size, self.mask_size])
         return self.decode(self.image_embeddings(images), boxes, output_size=[images.shape[-2], images.shape[-1]])
 
 
