@@ -254,6 +254,11 @@ def test_lvmmed_vit_encoder_mapping(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model.image_embeddings(images), ref.image_encoder(ref.preprocess(images)),
                                    rtol=1e-5, atol=1e-5)
+        # without absolute positions other sizes run: relative-position tables resized (40 px: grid 5)
+        small = (images[:, :, :40, :40] - model.pixel_mean) / model.pixel_std
+        torch.testing.assert_close(model.image_encoder(small), ref.image_encoder(small), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="40 px does not fit the absolute positions of a 64 px encoder"):
+        SAMBoxSegmenter(**SMALL).image_encoder(small)
 
     # SAM file for prompt encoder / decoder, LVM-Med's for the encoder (SAM's pos_embed dropped)
     sam = _reference_sam(m).eval()
