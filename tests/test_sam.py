@@ -27,24 +27,42 @@ from custom_components.networks.sam import (
 
 
 def _reference():
-    if "torchvision" not in sys.modules:
-        try:
-            import torchvision  # noqa: F401
-        except Exception:
-            def _unused(*args, **kwargs):
-                raise NotImplementedError("test stand-in for torchvision")
+    """``segment_anything.modeling``, imported with a torchvision stand-in that is removed again afterwards.
 
-            stub = {}
-            for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional", "torchvision.ops",
-                         "torchvision.ops.boxes"):
-                stub[name] = types.ModuleType(name)
-            stub["torchvision.transforms.functional"].resize = _unused
-            stub["torchvision.transforms.functional"].to_pil_image = _unused
-            stub["torchvision.ops.boxes"].batched_nms = _unused
-            stub["torchvision.ops.boxes"].box_area = _unused
-            for name, module in stub.items():
-                sys.modules.setdefault(name, module)
-    return pytest.importorskip("segment_anything.modeling")
+    The stand-in stays out of ``sys.modules`` after the import, so other tests' optional torchvision
+    imports (MONAI's ``optional_import``) still see torchvision as absent.
+    """
+    # (importing MONAI already tried ``segment_anything.build_sam`` for its CellSamWrapper: that
+    # failed on torchvision and left the submodules, not the package, in sys.modules)
+    if "segment_anything" in sys.modules:
+        return sys.modules["segment_anything.modeling"]
+    try:
+        import torchvision  # noqa: F401
+    except Exception:
+        pass
+    else:
+        return pytest.importorskip("segment_anything.modeling")
+
+    def _unused(*args, **kwargs):
+        raise NotImplementedError("test stand-in for torchvision")
+
+    names = ("torchvision", "torchvision.transforms", "torchvision.transforms.functional", "torchvision.ops",
+             "torchvision.ops.boxes")
+    stub = {name: types.ModuleType(name) for name in names}
+    stub["torchvision.transforms.functional"].resize = _unused
+    stub["torchvision.transforms.functional"].to_pil_image = _unused
+    stub["torchvision.ops.boxes"].batched_nms = _unused
+    stub["torchvision.ops.boxes"].box_area = _unused
+    saved = {name: sys.modules.get(name) for name in names}
+    sys.modules.update(stub)
+    try:
+        return pytest.importorskip("segment_anything.modeling")
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
 
 
 SMALL = dict(
@@ -343,3 +361,9 @@ def test_frozen_encoders_and_cached_embeddings(pair):
     tuned(images, boxes).sum().backward()
     assert tuned.image_encoder.patch_embed.proj.weight.grad is not None
     assert tuned.prompt_encoder.point_embeddings[2].weight.grad is None
+
+
+def test_torchvision_stand_in_does_not_outlive_the_import():
+    _reference()
+    tv = sys.modules.get("torchvision")
+    assert tv is None or tv.__spec__ is not None  # absent, or the real package
