@@ -20,7 +20,7 @@ def test_ci_runs_the_readme_test_command():
 
 def test_test_script_lints_then_runs_the_quick_then_the_slow_tier():
     script = (REPO / "scripts" / "test.sh").read_text()
-    steps = ["python3 -m ruff check .", 'tier quick -m "not slow" tests', "tier slow -m slow tests"]
+    steps = ["python3 -m ruff check .", 'tier quick -m "not slow" tests', "tier slow -m slow --durations=20 tests"]
     at = [script.index("\n" + s + "\n") for s in steps]
     assert at == sorted(at)
     assert "-eq 5 ]" in script  # "no tests collected" is reported as an error
