@@ -33,8 +33,6 @@ Usage::
 
 from __future__ import annotations
 
-import os
-import platform
 import statistics
 import sys
 import time
@@ -46,32 +44,21 @@ import torch
 import torch.nn as nn
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _path in (REPO, REPO / "scripts"):  # the package, and the sibling bench_timing
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from bench_timing import interleaved, ms, report, spread, sync  # noqa: E402
 
 from custom_components.engines.ham import HAMIteration  # noqa: E402
 from custom_components.explain.cnn_cam import CNNGradCAM  # noqa: E402
 from custom_components.explain.ham_cam import HAMAttention  # noqa: E402
 from custom_components.guidance.ham import HAMLoss  # noqa: E402
-from custom_components.io import atomic_write_text  # noqa: E402
 from custom_components.networks.cam_resnet import CAMResNet  # noqa: E402
 from custom_components.networks.ham import HAMNet  # noqa: E402
 
 FINDINGS = 14
 TARGET = 1.3
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _ms(s: float) -> str:
-    return f"{1000 * s:.1f} ms"
-
-
-def _spread(xs: list[float]) -> str:
-    return f"{_ms(statistics.median(xs))} ({1000 * min(xs):.1f}–{1000 * max(xs):.1f})"
 
 
 def _batch(batch: int, image_size: int, seed: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -96,14 +83,14 @@ def _ham_step(model: HAMNet, data: dict, device: torch.device) -> Callable[[], f
     loss_fn, iteration = HAMLoss(), HAMIteration(loss=None)
 
     def step() -> float:
-        _sync(device)
+        sync(device)
         t = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         _, terms = iteration.losses(model, loss_fn, data["images"], data["labels"], data["masks"], data["tags"],
                                     data["flags"])  # fmt: skip
         terms["loss"].backward()
         optimizer.step()
-        _sync(device)
+        sync(device)
         return time.perf_counter() - t
 
     return step
@@ -116,28 +103,16 @@ def _bce_step(model: nn.Module, data: dict, device: torch.device, offset: int) -
     loss_fn = nn.BCEWithLogitsLoss()
 
     def step() -> float:
-        _sync(device)
+        sync(device)
         t = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model(data["images"])[:, offset:], data["labels"])
         loss.backward()
         optimizer.step()
-        _sync(device)
+        sync(device)
         return time.perf_counter() - t
 
     return step
-
-
-def _interleaved(fns: dict[str, Callable[[], float]], steps: int, warmup: int) -> dict[str, list[float]]:
-    names = list(fns)
-    for _ in range(warmup):
-        for n in names:
-            fns[n]()
-    times: dict[str, list[float]] = {n: [] for n in names}
-    for i in range(steps):
-        for n in names[i % len(names) :] + names[: i % len(names)]:  # rotate the starting model
-            times[n].append(fns[n]())
-    return times
 
 
 def _gflops(model: nn.Module, x: torch.Tensor, forward: Callable | None = None) -> float:
@@ -152,10 +127,10 @@ def _gflops(model: nn.Module, x: torch.Tensor, forward: Callable | None = None) 
 def _timed(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
     times = []
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         t = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 
@@ -177,7 +152,7 @@ def rows(batch: int = 4, image_size: int = 256, arch: str = "resnet50", steps: i
                                 num_classes=FINDINGS).to(dev)  # fmt: skip
     cam8 = CAMResNet(arch=arch, num_classes=FINDINGS, output_stride=8).to(dev)
     data = _batch(batch, image_size, seed, dev)
-    times = _interleaved({"ham": _ham_step(ham, data, dev), "plain": _bce_step(plain, data, dev, 0),
+    times = interleaved({"ham": _ham_step(ham, data, dev), "plain": _bce_step(plain, data, dev, 0),
                           "cam8": _bce_step(cam8, data, dev, 1), "ham32": _ham_step(ham32, data, dev)},
                          steps, warmup)  # fmt: skip
     h, p, c, h32 = (statistics.median(times[k]) for k in ("ham", "plain", "cam8", "ham32"))
@@ -212,43 +187,31 @@ def rows(batch: int = 4, image_size: int = 256, arch: str = "resnet50", steps: i
     n_params = lambda m: f"{sum(q.numel() for q in m.parameters()) / 1e6:.2f} M"  # noqa: E731
     return [
         (f"**HAM / plain ResNet multi-label training step** ({name}; target ≤ {TARGET}x)",
-         f"**{h / p:.2f}x** ({_ms(h)} / {_ms(p)})"),
-        (f"  HAM step (output stride 8, fusion {fusion}; {n_params(ham)} parameters), median (min–max)", _spread(times["ham"])),
+         f"**{h / p:.2f}x** ({ms(h)} / {ms(p)})"),
+        (f"  HAM step (output stride 8, fusion {fusion}; {n_params(ham)} parameters), median (min–max)", spread(times["ham"])),
         (f"  plain ResNet step (output stride 32, GAP, BCE; {n_params(plain)} parameters), median (min–max)",
-         _spread(times["plain"])),
+         spread(times["plain"])),
         ("**HAM / CAM-baseline step at HAM's output stride 8** (same dilated backbone, GAP, BCE)",
-         f"**{h / c:.2f}x** ({_ms(h)} / {_ms(c)})"),
+         f"**{h / c:.2f}x** ({ms(h)} / {ms(c)})"),
         ("  CAM baseline at output stride 8 / plain ResNet step (the cost of dilation)", f"{c / p:.2f}x"),
         ("**HAM at output stride 32 / plain ResNet step** (HAM's heads and losses without the dilation)",
-         f"**{h32 / p:.2f}x** ({_ms(h32)} / {_ms(p)})"),
+         f"**{h32 / p:.2f}x** ({ms(h32)} / {ms(p)})"),
         ("  forward GFLOPs per image: HAM OS 8 / HAM OS 32 / CAM baseline OS 8 / plain ResNet OS 32",
          f"{f_ham:.1f} / {f_ham32:.1f} / {f_cam8:.1f} / {f_plain:.1f}"),
         ("  HAM's five loss terms alone (forward + backward on fixed outputs) / HAM step",
-         f"{t_loss / h:.3f} ({_ms(t_loss)})"),
+         f"{t_loss / h:.3f} ({ms(t_loss)})"),
         ("**map extraction per image: HAM refined class map** (one forward, no gradient)",
-         f"**{_ms(t_ham_map / batch)}**"),
+         f"**{ms(t_ham_map / batch)}**"),
         ("**map extraction per image: Grad-CAM on the CAM baseline** (layer4, forward + backward)",
-         f"**{_ms(t_gradcam / batch)}**"),
+         f"**{ms(t_gradcam / batch)}**"),
     ]  # fmt: skip
 
 
 def main(batch: int = 4, image_size: int = 256, arch: str = "resnet50", steps: int = 3, warmup: int = 1,
          device: str = "cpu", seed: int = 0, tiny: bool = False, out: str | None = None) -> str:
     """Print (and with ``--out`` write) the Markdown table of :func:`rows`."""
-    load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    t0 = time.perf_counter()
-    table_rows = rows(int(batch), int(image_size), arch, int(steps), int(warmup), device, int(seed), bool(tiny))
-    wall = time.perf_counter() - t0
-    load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    lines = ["| measurement | value |", "|---|---|", *[f"| {a} | {b} |" for a, b in table_rows], "",
-             f"Medians of {steps} interleaved training steps per model after {warmup} warm-up rounds; device {device}; "
-             f"torch {torch.__version__}, {torch.get_num_threads()} threads; Python {platform.python_version()}; "
-             f"wall time {wall:.0f} s; 1-min load average {load0:.2f} before, {load1:.2f} after."]  # fmt: skip
-    text = "\n".join(lines) + "\n"
-    if out:
-        atomic_write_text(text, out)
-    print(text)
-    return out or ""
+    return report(lambda: rows(int(batch), int(image_size), arch, int(steps), int(warmup), device, int(seed), bool(tiny)),
+                  steps, warmup, device, out)
 
 
 if __name__ == "__main__":

@@ -30,8 +30,11 @@ import fire
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _path in (REPO, REPO / "scripts"):  # the package, and the sibling bench_timing
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from bench_timing import ms, sync  # noqa: E402
 
 from custom_components.io import atomic_write_text  # noqa: E402
 from custom_components.networks.lvmmed_backbone import LVMMedResNet  # noqa: E402
@@ -40,15 +43,6 @@ from custom_components.ssl.objective import GraphMatchingObjective  # noqa: E402
 #: the spec's limit of the graph-matching share (measured case)
 TARGET = 0.10
 FULL_CASE = {"arch": "resnet50", "image_size": 224, "batch": 64}
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _ms(s: float) -> str:
-    return f"{1000 * s:.1f} ms"
 
 
 def measure(arch: str = "resnet18", image_size: int = 64, batch: int = 32, graph_size: int = 16, solver: str = "ipfp",
@@ -66,21 +60,21 @@ def measure(arch: str = "resnet18", image_size: int = 64, batch: int = 32, graph
         net.zero_grad(set_to_none=True)
         obj.zero_grad(set_to_none=True)
         obj.timer.clear()
-        _sync(dev)
+        sync(dev)
         t0 = time.perf_counter()
         maps = net(views)
-        _sync(dev)
+        sync(dev)
         t1 = time.perf_counter()
         detached = maps.detach().requires_grad_(True)
         out = obj(detached[:batch], detached[batch:], geom, geom)
-        _sync(dev)
+        sync(dev)
         t2 = time.perf_counter()
         out.loss.backward()
-        _sync(dev)
+        sync(dev)
         t3 = time.perf_counter()
         grad = detached.grad if detached.grad is not None else torch.zeros_like(maps)
         maps.backward(grad)
-        _sync(dev)
+        sync(dev)
         t4 = time.perf_counter()
         if i >= warmup:
             for key, value in (("backbone_fwd", t1 - t0), ("graph_fwd", t2 - t1), ("graph_bwd", t3 - t2),
@@ -106,9 +100,9 @@ def rows(arch: str = "resnet18", image_size: int = 64, batch: int = 32, graph_si
                  f" ≤ {TARGET:.2f}")
         out += [
             (f"**LVM-Med graph matching / backbone fwd+bwd** ({label})", f"**{graph / backbone:.3f}x**"),
-            ("  backbone forward / backward (2 x batch views)", f"{_ms(t['backbone_fwd'])} / {_ms(t['backbone_bwd'])}"),
-            ("  graph matching forward / backward (IMLE target solve)", f"{_ms(t['graph_fwd'])} / {_ms(t['graph_bwd'])}"),
-            ("  of which combinatorial solves (forward + backward)", _ms(t["solver"])),
+            ("  backbone forward / backward (2 x batch views)", f"{ms(t['backbone_fwd'])} / {ms(t['backbone_bwd'])}"),
+            ("  graph matching forward / backward (IMLE target solve)", f"{ms(t['graph_fwd'])} / {ms(t['graph_bwd'])}"),
+            ("  of which combinatorial solves (forward + backward)", ms(t["solver"])),
         ]
     return out
 

@@ -24,8 +24,6 @@ Usage::
 
 from __future__ import annotations
 
-import os
-import platform
 import statistics
 import sys
 import time
@@ -40,16 +38,16 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from custom_components.io import atomic_write_text  # noqa: E402
+for _path in (REPO / "scripts",):  # the sibling bench_timing
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from bench_timing import interleaved, ms, report, spread, sync  # noqa: E402
+
 from custom_components.networks.encoder_init import lvmmed_unet  # noqa: E402
 
 CLASSES = 2
 TINY_DECODER = (64, 32, 16, 16, 8)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def n_params(model: nn.Module) -> int:
@@ -83,38 +81,17 @@ def _step_fn(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, devic
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
 
     def step() -> float:
-        _sync(device)
+        sync(device)
         t = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model(images), labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        _sync(device)
+        sync(device)
         return time.perf_counter() - t
 
     return step
-
-
-def _compare(a: Callable[[], float], b: Callable[[], float], steps: int, warmup: int) -> tuple[list[float], list[float]]:
-    for _ in range(warmup):
-        a()
-        b()
-    ta, tb = [], []
-    for i in range(steps):
-        first, second = (a, b) if i % 2 == 0 else (b, a)
-        t1, t2 = first(), second()
-        ta.append(t1 if i % 2 == 0 else t2)
-        tb.append(t2 if i % 2 == 0 else t1)
-    return ta, tb
-
-
-def _ms(s: float) -> str:
-    return f"{1000 * s:.1f} ms"
-
-
-def _spread(xs: list[float]) -> str:
-    return f"{_ms(statistics.median(xs))} ({1000 * min(xs):.1f}–{1000 * max(xs):.1f})"
 
 
 def rows(batch: int = 64, image_size: int = 224, steps: int = 5, warmup: int = 2, device: str = "cpu", seed: int = 0,
@@ -133,35 +110,23 @@ def rows(batch: int = 64, image_size: int = 224, steps: int = 5, warmup: int = 2
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(batch, 3, image_size, image_size, generator=g).to(dev)
     y = (torch.rand(batch, 1, image_size, image_size, generator=g) > 0.7).float().to(dev)
-    t_f, t_u = _compare(_step_fn(flex.to(dev), x, y, dev), _step_fn(unet.to(dev), x, y, dev), steps, warmup)
+    t = interleaved({"f": _step_fn(flex.to(dev), x, y, dev), "u": _step_fn(unet.to(dev), x, y, dev)}, steps, warmup)
+    t_f, t_u = t["f"], t["u"]
     f, u = statistics.median(t_f), statistics.median(t_u)
     return [
         (f"**{name} / MONAI UNet training step** (batch {batch}, 3×{image_size}², {CLASSES} classes, DiceCE, Adam, clip 1)",
-         f"**{f / u:.2f}x** ({_ms(f)} / {_ms(u)})"),
-        (f"  {name} step ({n_params(flex) / 1e6:.2f} M parameters), median (min–max)", _spread(t_f)),
+         f"**{f / u:.2f}x** ({ms(f)} / {ms(u)})"),
+        (f"  {name} step ({n_params(flex) / 1e6:.2f} M parameters), median (min–max)", spread(t_f)),
         (f"  MONAI UNet step (widths {width}…{16 * width}, 2 residual units; {n_params(unet) / 1e6:.2f} M parameters), "
-         "median (min–max)", _spread(t_u)),
+         "median (min–max)", spread(t_u)),
     ]  # fmt: skip
 
 
 def main(batch: int = 64, image_size: int = 224, steps: int = 5, warmup: int = 2, device: str = "cpu", seed: int = 0,
          tiny: bool = False, out: str | None = None) -> str:  # fmt: skip
     """Print (and with ``--out`` write) the Markdown table of :func:`rows`."""
-    load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    t0 = time.perf_counter()
-    table_rows = rows(int(batch), int(image_size), int(steps), int(warmup), device, int(seed), bool(tiny))
-    wall = time.perf_counter() - t0
-    load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    lines = ["| measurement | value |", "|---|---|", *[f"| {a} | {b} |" for a, b in table_rows], "",
-             f"Medians of {steps} interleaved training steps per model after {warmup} warm-up rounds; device {device}; "
-             f"torch {torch.__version__}, {torch.get_num_threads()} threads; Python {platform.python_version()}; "
-             f"wall time {wall:.0f} s; 1-min load average {load0:.2f} before, {load1:.2f} after (above the "
-             f"thread count = other processes competed for the cores)."]  # fmt: skip
-    text = "\n".join(lines) + "\n"
-    if out:
-        atomic_write_text(text, out)
-    print(text)
-    return out or ""
+    return report(lambda: rows(int(batch), int(image_size), int(steps), int(warmup), device, int(seed), bool(tiny)),
+                  steps, warmup, device, out)
 
 
 if __name__ == "__main__":

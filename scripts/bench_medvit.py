@@ -25,8 +25,6 @@ Usage::
 
 from __future__ import annotations
 
-import os
-import platform
 import statistics
 import sys
 import time
@@ -38,20 +36,17 @@ import torch
 import torch.nn as nn
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+for _path in (REPO, REPO / "scripts"):  # the package, and the sibling bench_timing
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
-from custom_components.io import atomic_write_text  # noqa: E402
+from bench_timing import interleaved, ms, report, spread, sync  # noqa: E402
+
 from custom_components.networks.medvit import MedViT, medvit_t  # noqa: E402
 from custom_components.networks.medvit3d import MedViT3D, medvit3d_t  # noqa: E402
 
 TINY_DEPTHS = (1, 1, 5, 1)
 CLASSES_2D, CLASSES_3D = 2, 11
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _n_params(model: nn.Module) -> str:
@@ -64,39 +59,16 @@ def _step_fn(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, devic
     loss_fn = nn.CrossEntropyLoss()
 
     def step() -> float:
-        _sync(device)
+        sync(device)
         t = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model(images), labels)
         loss.backward()
         optimizer.step()
-        _sync(device)
+        sync(device)
         return time.perf_counter() - t
 
     return step
-
-
-def _compare(a: Callable[[], float], b: Callable[[], float], steps: int, warmup: int) -> tuple[list[float], list[float]]:
-    for _ in range(warmup):
-        a()
-        b()
-    ta, tb = [], []
-    for i in range(steps):
-        if i % 2 == 0:
-            ta.append(a())
-            tb.append(b())
-        else:
-            tb.append(b())
-            ta.append(a())
-    return ta, tb
-
-
-def _ms(s: float) -> str:
-    return f"{1000 * s:.1f} ms"
-
-
-def _spread(xs: list[float]) -> str:
-    return f"{_ms(statistics.median(xs))} ({1000 * min(xs):.1f}–{1000 * max(xs):.1f})"
 
 
 def rows(batch: int = 8, image_size: int = 224, volume_size: int = 64, steps: int = 5, warmup: int = 2,
@@ -126,13 +98,15 @@ def rows(batch: int = 8, image_size: int = 224, volume_size: int = 64, steps: in
     resnet2d = resnet18(spatial_dims=2, n_input_channels=3, num_classes=CLASSES_2D)
     x2 = torch.rand(batch, 3, image_size, image_size, generator=g).to(dev)
     y2 = torch.randint(0, CLASSES_2D, (batch,), generator=g).to(dev)
-    t_m, t_r = _compare(_step_fn(medvit2d.to(dev), x2, y2, dev), _step_fn(resnet2d.to(dev), x2, y2, dev), steps, warmup)
+    t = interleaved({"m": _step_fn(medvit2d.to(dev), x2, y2, dev), "r": _step_fn(resnet2d.to(dev), x2, y2, dev)},
+                    steps, warmup)
+    t_m, t_r = t["m"], t["r"]
     m, r = statistics.median(t_m), statistics.median(t_r)
     out += [
         (f"**{name2d} / ResNet-18 training step** (2-D, batch {batch}, 3×{image_size}², {CLASSES_2D} classes, AdamW)",
-         f"**{m / r:.2f}x** ({_ms(m)} / {_ms(r)})"),
-        (f"  {name2d} step ({_n_params(medvit2d)} parameters), median (min–max)", _spread(t_m)),
-        (f"  MONAI ResNet-18 2-D step ({_n_params(resnet2d)} parameters), median (min–max)", _spread(t_r)),
+         f"**{m / r:.2f}x** ({ms(m)} / {ms(r)})"),
+        (f"  {name2d} step ({_n_params(medvit2d)} parameters), median (min–max)", spread(t_m)),
+        (f"  MONAI ResNet-18 2-D step ({_n_params(resnet2d)} parameters), median (min–max)", spread(t_r)),
     ]  # fmt: skip
     del medvit2d, resnet2d, x2
 
@@ -147,13 +121,15 @@ def rows(batch: int = 8, image_size: int = 224, volume_size: int = 64, steps: in
     resnet3d = resnet18(spatial_dims=3, n_input_channels=1, num_classes=CLASSES_3D)
     x3 = torch.rand(b3, 1, volume_size, volume_size, volume_size, generator=g).to(dev)
     y3 = torch.randint(0, CLASSES_3D, (b3,), generator=g).to(dev)
-    t_m, t_r = _compare(_step_fn(medvit3d.to(dev), x3, y3, dev), _step_fn(resnet3d.to(dev), x3, y3, dev), steps, warmup)
+    t = interleaved({"m": _step_fn(medvit3d.to(dev), x3, y3, dev), "r": _step_fn(resnet3d.to(dev), x3, y3, dev)},
+                    steps, warmup)
+    t_m, t_r = t["m"], t["r"]
     m, r = statistics.median(t_m), statistics.median(t_r)
     out += [
         (f"**{name3d} / ResNet-18 training step** (3-D, batch {b3}, 1×{volume_size}³, {CLASSES_3D} classes, AdamW)",
-         f"**{m / r:.2f}x** ({_ms(m)} / {_ms(r)})"),
-        (f"  {name3d} step ({_n_params(medvit3d)} parameters), median (min–max)", _spread(t_m)),
-        (f"  MONAI ResNet-18 3-D step ({_n_params(resnet3d)} parameters), median (min–max)", _spread(t_r)),
+         f"**{m / r:.2f}x** ({ms(m)} / {ms(r)})"),
+        (f"  {name3d} step ({_n_params(medvit3d)} parameters), median (min–max)", spread(t_m)),
+        (f"  MONAI ResNet-18 3-D step ({_n_params(resnet3d)} parameters), median (min–max)", spread(t_r)),
     ]  # fmt: skip
     return out
 
@@ -162,22 +138,8 @@ def main(batch: int = 8, image_size: int = 224, volume_size: int = 64, steps: in
          device: str = "cpu", seed: int = 0, tiny: bool = False, batch3d: int | None = None,
          out: str | None = None) -> str:
     """Print (and with ``--out`` write) the Markdown table of :func:`rows`."""
-    load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    t0 = time.perf_counter()
-    table_rows = rows(int(batch), int(image_size), int(volume_size), int(steps), int(warmup), device, int(seed),
-                      bool(tiny), None if batch3d is None else int(batch3d))  # fmt: skip
-    wall = time.perf_counter() - t0
-    load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    lines = ["| measurement | value |", "|---|---|", *[f"| {a} | {b} |" for a, b in table_rows], "",
-             f"Medians of {steps} interleaved training steps per model after {warmup} warm-up rounds; device {device}; "
-             f"torch {torch.__version__}, {torch.get_num_threads()} threads; Python {platform.python_version()}; "
-             f"wall time {wall:.0f} s; 1-min load average {load0:.2f} before, {load1:.2f} after (above the "
-             f"thread count = other processes competed for the cores)."]  # fmt: skip
-    text = "\n".join(lines) + "\n"
-    if out:
-        atomic_write_text(text, out)
-    print(text)
-    return out or ""
+    return report(lambda: rows(int(batch), int(image_size), int(volume_size), int(steps), int(warmup), device, int(seed),
+                               bool(tiny), None if batch3d is None else int(batch3d)), steps, warmup, device, out)
 
 
 if __name__ == "__main__":
