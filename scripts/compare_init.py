@@ -28,16 +28,13 @@ import sys
 import time
 from pathlib import Path
 
-import fire
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from custom_components.io import InputDataError  # noqa: E402
 from custom_components.reports.comparison import (  # noqa: E402
-    WORKFLOWS_FLAG,
+    main,
     run_child_workflows,
-    run_workflows,
     summarise,
     write_comparison,
 )
@@ -189,14 +186,4 @@ def compare(
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == WORKFLOWS_FLAG:  # the child process of _run_one
-        from custom_components import errors
-
-        errors.install()
-        run_workflows(json.loads(sys.argv[2]))
-        sys.exit(0)
-    try:
-        fire.Fire(compare, serialize=lambda _: None)
-    except InputDataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    main(compare, serialize=lambda _: None)

@@ -9,6 +9,8 @@ each run's workflows in one child process, then tabulates mean ± std over seeds
 * :func:`summarise`: per row, the mean ± std cells of the Markdown table and the ``<key>_mean`` /
   ``<key>_std`` columns of the CSV (sample std; NaN values, i.e. undefined metrics, left out).
 * :func:`write_comparison`: ``comparison.md`` and ``comparison.csv``, atomically.
+* :func:`main`: a comparison script's entry point: the child process of :func:`run_child_workflows`,
+  or the ``fire`` command line with an input error as one ``error:`` line (exit code 2).
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from custom_components.handlers.report import format_mean_std, markdown_table
 from custom_components.io import InputDataError, atomic_write_text
 
-__all__ = ["WORKFLOWS_FLAG", "mean_std", "run_child_workflows", "run_workflows", "summarise", "write_comparison"]
+__all__ = ["WORKFLOWS_FLAG", "main", "mean_std", "run_child_workflows", "run_workflows", "summarise", "write_comparison"]
 
 #: ``<script> --run_workflows JSON``: the child process runs the workflows of one run
 WORKFLOWS_FLAG = "--run_workflows"
@@ -86,3 +90,20 @@ def write_comparison(out: Path, heading: str, rows: list[dict], csv_rows: list[d
     writer.writerows(csv_rows)
     atomic_write_text(buf.getvalue(), out / "comparison.csv")
     return table
+
+
+def main(compare: Callable[..., Any], **fire_kwargs: Any) -> None:
+    """Run a comparison script: the workflows of one run (its child process) or ``fire.Fire(compare)``."""
+    if len(sys.argv) == 3 and sys.argv[1] == WORKFLOWS_FLAG:  # the child process of run_child_workflows
+        from custom_components import errors
+
+        errors.install()
+        run_workflows(json.loads(sys.argv[2]))
+        sys.exit(0)
+    import fire
+
+    try:
+        fire.Fire(compare, **fire_kwargs)
+    except InputDataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
